@@ -1,0 +1,23 @@
+"""User-facing exception types.
+
+Anything raised as a `DgpruneError` is a problem the user can fix (bad config, missing data or weights);
+the CLI prints its message without a traceback and exits non-zero. Other exceptions are bugs.
+"""
+
+from __future__ import annotations
+
+
+class DgpruneError(Exception):
+    """Base for user-facing errors: the CLI prints the message (no traceback) and exits non-zero."""
+
+
+class ConfigError(DgpruneError):
+    """An invalid setting: unknown name, value out of range, inconsistent options."""
+
+
+class DataError(DgpruneError):
+    """A dataset cannot be found, read or split as asked."""
+
+
+class WeightsError(DgpruneError):
+    """A weights file is missing or does not fit the model."""

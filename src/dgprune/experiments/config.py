@@ -1,0 +1,108 @@
+"""A run's full, validated description (DESIGN.md §7); its id is a hash of it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from dgprune.errors import ConfigError
+from dgprune.training.settings import PretrainSettings, PruneSettings
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataSettings(_Strict):
+    name: str = Field("rotated_digits", description="dataset name (embedded default: rotated_digits)")
+    val_fraction: float = Field(
+        0.1, gt=0, lt=1, description="share of each source domain held out (paper 0.1)"
+    )
+    data_seed: int = Field(0, description="seed that fixes domain assignment, independent of the run seed")
+
+
+class ModelSettings(_Strict):
+    name: str = Field("mnist_cnn", description="resnet18, resnet50 or mnist_cnn")
+    small_input: bool = Field(False, description="ResNet stem for <= 64 px images (3x3 conv, no max-pool)")
+    weights: str | None = Field(None, description="local file of initial weights (state_dict or safetensors)")
+
+
+class RunConfig(_Strict):
+    data: DataSettings = DataSettings()
+    target: str | None = Field(None, description="the unseen target domain (name)")
+    model: ModelSettings = ModelSettings()
+    pretrain: PretrainSettings = PretrainSettings()
+    prune: PruneSettings = PruneSettings()
+    seed: int = Field(0, description="training seed (data split, batches, init)")
+    device: Literal["cpu", "cuda", "auto"] = "auto"
+
+    def run_id(self) -> str:
+        """Stable id: hash of everything that changes results (not the device)."""
+        payload = self.model_dump(exclude={"device"})
+        digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+        return digest[:12]
+
+
+def _read_mapping(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix in (".yaml", ".yml", ".json"):
+            data = yaml.safe_load(text)
+        else:
+            raise ConfigError(
+                f"{path}: unknown config format {path.suffix!r}; use .yaml, .yml, .toml or .json"
+            )
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"{path}: not valid {path.suffix[1:].upper()}: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of settings, got {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        elif value is not None:
+            merged[key] = value
+    return merged
+
+
+def build_config(
+    path: Path | None = None, overrides: dict[str, Any] | None = None, base: dict[str, Any] | None = None
+) -> RunConfig:
+    """Defaults <- ``base`` <- config file <- ``overrides`` (flags); errors name the field and the source."""
+    data = _merge(base or {}, _read_mapping(path) if path else {})
+    data = _merge(data, overrides or {})
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as err:
+        source = str(path) if path else "settings"
+        raise ConfigError(f"{source}: invalid configuration:\n{format_validation_error(err)}") from None
+
+
+def format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for problem in err.errors():
+        where = ".".join(str(part) for part in problem["loc"])
+        got = problem.get("input")
+        shown = f" (got {got!r})" if not isinstance(got, dict) else ""
+        lines.append(f"  {where}: {problem['msg']}{shown}")
+    return "\n".join(lines)
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(config.model_dump(), sort_keys=False)

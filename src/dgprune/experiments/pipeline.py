@@ -1,0 +1,184 @@
+"""The stages of one run: pretrain -> prune + fine-tune -> compress -> evaluate (DESIGN.md §1).
+
+Each stage reads and writes a model directory (safetensors + structure.json + metrics.json), so a
+finished stage is never recomputed and an interrupted sequence of stages resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dgprune.data import LodoSplit, MultiDomainDataset, load_dataset, make_lodo_split
+from dgprune.errors import ConfigError
+from dgprune.experiments.config import RunConfig
+from dgprune.experiments.records import ResultRecord
+from dgprune.models import build_model
+from dgprune.pruning.groups import find_channel_groups
+from dgprune.pruning.surgery import load_compressed, model_cost, remove_channels, save_compressed
+from dgprune.training.evaluation import evaluate
+from dgprune.training.pretrain import pretrain
+from dgprune.training.progress import ProgressCallback
+from dgprune.training.prune_finetune import prune_and_finetune
+
+METRICS_FILE = "metrics.json"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' requested but no CUDA GPU is available; use --device cpu or auto")
+    if name not in ("cpu", "cuda"):
+        raise ConfigError(f"unknown device {name!r}; valid: cpu, cuda, auto")
+    return torch.device(name)
+
+
+@dataclass
+class RunContext:
+    """Everything derived from a config that the stages share."""
+
+    config: RunConfig
+    dataset: MultiDomainDataset
+    split: LodoSplit
+    device: torch.device
+
+    @property
+    def example_input(self) -> torch.Tensor:
+        return torch.zeros(1, *self.dataset.input_shape, device=self.device)
+
+    def build_spec(self) -> dict:
+        m = self.config.model
+        return {
+            "name": m.name,
+            "num_classes": self.dataset.num_classes,
+            "in_channels": self.dataset.input_shape[0],
+            "small_input": m.small_input,
+        }
+
+    def new_model(self, with_weights: bool = True) -> nn.Module:
+        weights = self.config.model.weights if with_weights else None
+        return build_model(**self.build_spec(), weights=weights).to(self.device)
+
+    def load_model_dir(self, directory: Path) -> nn.Module:
+        if not (directory / "structure.json").is_file():
+            raise ConfigError(f"{directory}: not a dgprune model directory (no structure.json)")
+        model, _ = load_compressed(directory, build_model, torch.zeros(1, *self.dataset.input_shape))
+        return model.to(self.device)
+
+
+def make_context(config: RunConfig, dataset: MultiDomainDataset | None = None) -> RunContext:
+    if config.target is None:
+        raise ConfigError("no target domain given (set `target` in the config or pass --target)")
+    dataset = dataset or load_dataset(config.data.name, seed=config.data.data_seed)
+    split = make_lodo_split(dataset, config.target, config.data.val_fraction, config.seed)
+    return RunContext(config, dataset, split, resolve_device(config.device))
+
+
+def _record(
+    ctx: RunContext,
+    model: nn.Module,
+    directory: Path,
+    criterion: str,
+    keep_ratio: float,
+    filters: tuple[int, int],
+    dense_cost,
+    selected_step: int,
+    started: float,
+    diff: float | None = None,
+) -> ResultRecord:
+    acc = evaluate(model, ctx.split, ctx.device)
+    cost = model_cost(model, ctx.example_input)
+    cfg = ctx.config
+    return ResultRecord(
+        dataset=ctx.dataset.name,
+        target_domain=ctx.split.target.name,
+        model=cfg.model.name,
+        algorithm=cfg.pretrain.algorithm,
+        criterion=criterion,
+        alpha=cfg.prune.alpha if criterion == "ior" else None,
+        keep_ratio=keep_ratio,
+        seed=cfg.seed,
+        intra_acc=acc.intra,
+        cross_acc=acc.cross,
+        per_domain_acc=acc.per_domain,
+        worst_source_acc=acc.worst_source,
+        filters_total=filters[0],
+        filters_kept=filters[1],
+        params=cost.params,
+        macs=cost.macs,
+        params_dense=dense_cost.params,
+        macs_dense=dense_cost.macs,
+        run_id=cfg.run_id(),
+        selected_step=selected_step,
+        model_dir=str(directory),
+        wall_time_s=time.monotonic() - started,
+        masked_vs_compressed_max_abs_diff=diff,
+    )
+
+
+def run_pretrain(ctx: RunContext, out_dir: Path, progress: ProgressCallback | None = None) -> ResultRecord:
+    """Pretrain (or reuse a finished pretraining in ``out_dir``) and evaluate the selected checkpoint."""
+    metrics_path = out_dir / METRICS_FILE
+    if metrics_path.is_file():
+        return ResultRecord(**json.loads(metrics_path.read_text()))
+    started = time.monotonic()
+    model = ctx.new_model()
+    outcome = pretrain(model, ctx.split, ctx.config.pretrain, ctx.config.seed, ctx.device, progress)
+    save_compressed(out_dir, model, {}, ctx.build_spec())
+    total = sum(g.size for g in find_channel_groups(model, ctx.example_input, ctx.config.prune.scope))
+    cost = model_cost(model, ctx.example_input)
+    record = _record(ctx, model, out_dir, "none", 1.0, (total, total), cost, outcome.best_step, started)
+    metrics_path.write_text(json.dumps(record.to_dict(), indent=1))
+    return record
+
+
+def run_prune(
+    ctx: RunContext, pretrained_dir: Path, out_dir: Path, progress: ProgressCallback | None = None
+) -> ResultRecord:
+    """Prune + fine-tune the pretrained model, compress the selected checkpoint, evaluate it."""
+    metrics_path = out_dir / METRICS_FILE
+    if metrics_path.is_file():
+        return ResultRecord(**json.loads(metrics_path.read_text()))
+    started = time.monotonic()
+    model = ctx.load_model_dir(pretrained_dir)
+    dense_cost = model_cost(model, ctx.example_input)
+    settings = ctx.config.prune
+    outcome = prune_and_finetune(
+        model, ctx.split, settings, ctx.config.seed, ctx.device, ctx.example_input, progress
+    )
+    probe = torch.cat([d.images[:64] for d in ctx.split.val]).to(ctx.device)
+    model.eval()
+    with torch.no_grad():
+        masked_logits = model(probe)
+    outcome.gates.detach()  # Torch-Pruning must trace the bare model
+    pruned = outcome.gates.pruned_positions()
+    remove_channels(model, pruned, ctx.example_input)
+    with torch.no_grad():
+        diff = float((model(probe) - masked_logits).abs().max())
+    structure = _read_structure(pretrained_dir)
+    save_compressed(out_dir, model, pruned, structure["build"])
+    filters = (outcome.filters_total, outcome.filters_kept)
+    record = _record(
+        ctx,
+        model,
+        out_dir,
+        settings.criterion,
+        settings.keep_ratio,
+        filters,
+        dense_cost,
+        outcome.best_step,
+        started,
+        diff,
+    )
+    metrics_path.write_text(json.dumps(record.to_dict(), indent=1))
+    return record
+
+
+def _read_structure(directory: Path) -> dict:
+    return json.loads((directory / "structure.json").read_text())

@@ -1,0 +1,57 @@
+"""One result record per model evaluated; the demo writes a list of them to results.json."""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import asdict, dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+
+def library_versions() -> dict[str, str]:
+    names = ["dgprune", "torch", "torchvision", "torch-pruning"]
+    return {"python": platform.python_version(), **{name: version(name) for name in names}}
+
+
+@dataclass
+class ResultRecord:
+    dataset: str
+    target_domain: str
+    model: str
+    algorithm: str
+    criterion: str  # "none" for the dense (pretrained) model
+    alpha: float | None
+    keep_ratio: float
+    seed: int
+    intra_acc: float
+    cross_acc: float
+    per_domain_acc: dict[str, float]
+    worst_source_acc: float
+    filters_total: int
+    filters_kept: int
+    params: int
+    macs: int
+    params_dense: int
+    macs_dense: int
+    run_id: str
+    selected_step: int
+    model_dir: str
+    wall_time_s: float
+    masked_vs_compressed_max_abs_diff: float | None = None
+    versions: dict[str, str] = field(default_factory=library_versions)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def write_records(path: Path, records: list[ResultRecord]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps([r.to_dict() for r in records], indent=1))
+    tmp.replace(path)  # atomic: an interrupted write never leaves a broken file
+
+
+def read_records(path: Path) -> list[ResultRecord]:
+    return [ResultRecord(**row) for row in json.loads(path.read_text())]

@@ -1,0 +1,18 @@
+"""Models: torchvision ResNets, DomainBed's MNIST CNN, and a pruning-safe GroupNorm."""
+
+from dgprune.models.factory import MODEL_NAMES, build_model, load_weights, read_state_dict
+from dgprune.models.group_norm import CUSTOM_PRUNERS, MaskableGroupNorm, MaskableGroupNormPruner
+from dgprune.models.mnist_cnn import MnistCnn
+from dgprune.models.resnet import build_resnet
+
+__all__ = [
+    "CUSTOM_PRUNERS",
+    "MODEL_NAMES",
+    "MaskableGroupNorm",
+    "MaskableGroupNormPruner",
+    "MnistCnn",
+    "build_model",
+    "build_resnet",
+    "load_weights",
+    "read_state_dict",
+]

@@ -1,0 +1,27 @@
+"""Gates, criteria, schedule and surgery: the paper's method (DESIGN.md §2-3)."""
+
+from dgprune.pruning.criteria import CRITERIA, Criterion, ScoreInputs, make_criterion
+from dgprune.pruning.gates import GateSet
+from dgprune.pruning.groups import SCOPES, ChannelGroup, find_channel_groups
+from dgprune.pruning.schedule import PruningSchedule, target_channels
+from dgprune.pruning.scoring import DomainStep, per_domain_forward_backward
+from dgprune.pruning.surgery import load_compressed, model_cost, remove_channels, save_compressed
+
+__all__ = [
+    "CRITERIA",
+    "SCOPES",
+    "ChannelGroup",
+    "Criterion",
+    "DomainStep",
+    "GateSet",
+    "PruningSchedule",
+    "ScoreInputs",
+    "find_channel_groups",
+    "load_compressed",
+    "make_criterion",
+    "model_cost",
+    "per_domain_forward_backward",
+    "remove_channels",
+    "save_compressed",
+    "target_channels",
+]

@@ -1,0 +1,111 @@
+"""The iterative pruning schedule of the official Taylor-pruning code (paper A.3).
+
+Scores are summed every mini-batch and averaged over each pruning interval; an exponential
+moving average runs across intervals (the first interval initialises it). At the end of every
+interval the alive channels of all groups are ranked globally and the lowest are removed, at
+most ``max_per_step`` at a time, until exactly ``target`` channels remain. A group is never
+emptied, and pruned channels never return.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+
+def target_channels(total: int, keep_ratio: float, num_groups: int) -> int:
+    """Channels that remain at ``keep_ratio``; at least one per group."""
+    if not 0.0 < keep_ratio <= 1.0:
+        raise ValueError(f"keep_ratio must be in (0, 1], got {keep_ratio}")
+    return max(round(keep_ratio * total), num_groups)
+
+
+class PruningSchedule:
+    def __init__(
+        self,
+        group_sizes: list[int],
+        keep_ratio: float,
+        interval: int = 30,
+        max_per_step: int = 100,
+        momentum: float = 0.9,
+    ) -> None:
+        if interval < 1 or max_per_step < 1 or not 0.0 <= momentum < 1.0:
+            raise ValueError("interval and max_per_step must be >= 1 and momentum in [0, 1)")
+        self.group_sizes = list(group_sizes)
+        self.group_of = torch.cat(
+            [torch.full((n,), i, dtype=torch.long) for i, n in enumerate(self.group_sizes)]
+        )
+        self.total = sum(self.group_sizes)
+        self.target = target_channels(self.total, keep_ratio, len(self.group_sizes))
+        self.interval = interval
+        self.max_per_step = max_per_step
+        self.momentum = momentum
+        self.alive = torch.ones(self.total, dtype=torch.bool)
+        self.ema: torch.Tensor | None = None
+        self._sum = torch.zeros(self.total, dtype=torch.float64)
+        self._batches = 0
+
+    @property
+    def num_alive(self) -> int:
+        return int(self.alive.sum())
+
+    @property
+    def done(self) -> bool:
+        return self.num_alive <= self.target
+
+    def steps_to_target(self) -> int:
+        """Mini-batches needed from now until the target is reached."""
+        steps = math.ceil(max(self.num_alive - self.target, 0) / self.max_per_step)
+        return max(steps * self.interval - self._batches, 0)
+
+    def observe(self, scores: torch.Tensor) -> None:
+        """Add one mini-batch's scores (flat [M])."""
+        self._sum += scores.detach().to("cpu", torch.float64)
+        self._batches += 1
+
+    def step(self) -> torch.Tensor | None:
+        """Call after each mini-batch. Returns the flat positions to prune now, or None."""
+        if self.done or self._batches < self.interval:
+            return None
+        interval_mean = self._sum / self._batches
+        self._sum.zero_()
+        self._batches = 0
+        if self.ema is None:
+            self.ema = interval_mean
+        else:
+            self.ema = self.momentum * self.ema + (1.0 - self.momentum) * interval_mean
+        chosen = self._lowest_prunable(self.ema)
+        self.alive[chosen] = False
+        return chosen
+
+    def _lowest_prunable(self, scores: torch.Tensor) -> torch.Tensor:
+        budget = min(self.max_per_step, self.num_alive - self.target)
+        alive_per_group = torch.bincount(self.group_of[self.alive], minlength=len(self.group_sizes))
+        candidates = torch.nonzero(self.alive).flatten()
+        # stable sort: equal scores are broken by position, so runs are deterministic
+        ranked = candidates[torch.argsort(scores[candidates], stable=True)]
+        chosen: list[int] = []
+        for position in ranked.tolist():
+            if len(chosen) == budget:
+                break
+            group = int(self.group_of[position])
+            if alive_per_group[group] > 1:  # never empty a group
+                alive_per_group[group] -= 1
+                chosen.append(position)
+        return torch.tensor(chosen, dtype=torch.long)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "alive": self.alive.clone(),
+            "ema": None if self.ema is None else self.ema.clone(),
+            "sum": self._sum.clone(),
+            "batches": self._batches,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.alive = state["alive"].clone()
+        self.ema = None if state["ema"] is None else state["ema"].clone()
+        self._sum = state["sum"].clone()
+        self._batches = int(state["batches"])

@@ -1,0 +1,81 @@
+"""Physical removal of pruned channels (Torch-Pruning), and saving/loading compressed models.
+
+A compressed model is stored as ``model.safetensors`` plus ``structure.json``: how to build the
+dense architecture and which channels of which group were removed. Loading rebuilds the dense
+model, replays the same removals and loads the tensors: no pickled code is ever executed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from dgprune.pruning.groups import build_dependency_graph
+
+STRUCTURE_FILE = "structure.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def remove_channels(model: nn.Module, pruned: dict[str, list[int]], example_input: torch.Tensor) -> nn.Module:
+    """Physically delete ``pruned[root_conv_name]`` output channels (and everything coupled), in place.
+
+    The model must carry no gate hooks (Torch-Pruning traces it). Rebuild any optimizer afterwards:
+    the pruned parameters are new tensors.
+    """
+    was_training = model.training
+    model.eval()
+    graph = build_dependency_graph(model, example_input)
+    modules = dict(model.named_modules())
+    for root_name, idxs in pruned.items():
+        if not idxs:
+            continue
+        group = graph.get_pruning_group(modules[root_name], tp.prune_conv_out_channels, idxs=sorted(idxs))
+        group.prune()
+    model.train(was_training)
+    return model
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    params: int
+    macs: int
+
+
+def model_cost(model: nn.Module, example_input: torch.Tensor) -> ModelCost:
+    """Parameters and multiply-accumulates of one forward pass of ``example_input`` (batch 1)."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        macs, params = tp.utils.count_ops_and_params(model, example_input[:1])
+    model.train(was_training)
+    return ModelCost(params=int(params), macs=int(macs))
+
+
+def save_compressed(
+    directory: Path, model: nn.Module, pruned: dict[str, list[int]], build_spec: dict[str, Any]
+) -> None:
+    """Write the compressed ``model`` with what is needed to rebuild its architecture."""
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS_FILE))
+    structure = {"format": "dgprune.compressed/1", "build": build_spec, "pruned_channels": pruned}
+    (directory / STRUCTURE_FILE).write_text(json.dumps(structure, indent=1))
+
+
+def load_compressed(
+    directory: Path, build_model: Callable[..., nn.Module], example_input: torch.Tensor
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a model written by :func:`save_compressed`; returns it and its structure description."""
+    structure = json.loads((directory / STRUCTURE_FILE).read_text())
+    model = build_model(**structure["build"])
+    remove_channels(model, structure["pruned_channels"], example_input)
+    model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
+    return model, structure

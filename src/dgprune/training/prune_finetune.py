@@ -1,0 +1,112 @@
+"""Iterative pruning with fine-tuning (paper §3 and A.3), then selection of the best checkpoint at target.
+
+Every step forwards each source domain on its own, backpropagates ``mean_i R_i`` once (the ERM
+fine-tuning loss of the paper), scores all alive channels with the criterion, and steps SGD.
+The schedule removes channels every ``interval`` steps until ``keep_ratio`` of them remain;
+fine-tuning goes on afterwards. The reported model is the checkpoint with the best intra-domain
+validation accuracy among those that already have the target number of filters.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from dgprune.data import DomainBatches, LodoSplit
+from dgprune.pruning.criteria import ScoreInputs, make_criterion
+from dgprune.pruning.gates import GateSet
+from dgprune.pruning.groups import find_channel_groups
+from dgprune.pruning.schedule import PruningSchedule
+from dgprune.pruning.scoring import per_domain_forward_backward
+from dgprune.pruning.weight_stats import weight_statistics
+from dgprune.training.evaluation import intra_accuracy
+from dgprune.training.progress import ProgressCallback, ProgressEvent
+from dgprune.training.settings import PruneSettings
+
+
+@dataclass
+class PruneOutcome:
+    gates: GateSet  # attached to the model, masks at the target
+    best_state: dict[str, torch.Tensor]  # masked model's weights at the selected checkpoint
+    best_val: float
+    best_step: int
+    steps_run: int
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def filters_total(self) -> int:
+        return self.gates.total
+
+    @property
+    def filters_kept(self) -> int:
+        return self.gates.num_alive()
+
+
+def prune_and_finetune(
+    model: nn.Module,
+    split: LodoSplit,
+    settings: PruneSettings,
+    seed: int,
+    device: torch.device,
+    example_input: torch.Tensor,
+    progress: ProgressCallback | None = None,
+    log_every: int = 25,
+) -> PruneOutcome:
+    """Prune ``model`` (masks, in place) to ``settings.keep_ratio`` of its filters while fine-tuning."""
+    torch.manual_seed(seed)
+    groups = find_channel_groups(model, example_input.to(device), scope=settings.scope)
+    gates = GateSet(model, groups).attach()
+    criterion = make_criterion(settings.criterion, alpha=settings.alpha, seed=seed)
+    schedule = PruningSchedule(
+        gates.sizes, settings.keep_ratio, settings.interval, settings.max_per_step, settings.ema
+    )
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
+    )
+    batches = DomainBatches(split.train, settings.batch_size, seed=seed)
+    total_steps = max(settings.steps, schedule.steps_to_target() + 1)
+    best_val, best_step, best_state = -1.0, 0, None
+    history: list[dict[str, float]] = []
+    model.train()
+    for step in range(1, total_steps + 1):
+        minibatches = [(x.to(device), y.to(device)) for x, y in batches.next()]
+        optimizer.zero_grad(set_to_none=True)
+        out = per_domain_forward_backward(model, gates, minibatches)
+        if not schedule.done:
+            schedule.observe(criterion.score(_score_inputs(model, gates, out, criterion.needs_weights)))
+        optimizer.step()
+        reached_now = False
+        chosen = schedule.step()
+        if chosen is not None:
+            gates.prune(chosen)
+            reached_now = schedule.done
+        at_target = schedule.done
+        evaluate_now = at_target and (reached_now or step % settings.eval_every == 0 or step == total_steps)
+        val = None
+        if evaluate_now:
+            val = intra_accuracy(model, split, device)
+            history.append({"step": step, "loss": out.loss, "val_acc": val, "alive": gates.num_alive()})
+            if val > best_val:
+                best_val, best_step = val, step
+                best_state = copy.deepcopy(model.state_dict())
+        if progress and (step % log_every == 0 or step == total_steps or val is not None):
+            progress(ProgressEvent("prune", step, total_steps, out.loss, gates.num_alive(), gates.total, val))
+    assert best_state is not None  # total_steps guarantees at least one evaluation at the target
+    model.load_state_dict(best_state)
+    return PruneOutcome(gates, best_state, best_val, best_step, total_steps, history)
+
+
+def _score_inputs(model: nn.Module, gates: GateSet, out, needs_weights: bool) -> ScoreInputs:
+    filter_l1 = norm_scale = None
+    if needs_weights:
+        filter_l1, norm_scale = weight_statistics(model, gates.groups)
+    return ScoreInputs(
+        gates=gates.flat_gates(),
+        domain_grads=out.domain_grads,
+        risks=out.risks,
+        filter_l1=filter_l1,
+        norm_scale=norm_scale,
+    )

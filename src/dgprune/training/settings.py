@@ -1,0 +1,53 @@
+"""Validated settings of the training stages (pretraining, pruning + fine-tuning)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from dgprune.pruning.criteria import CRITERIA
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not silently ignored
+
+
+class PretrainSettings(_Strict):
+    """ERM pretraining (DomainBed's defaults for MNIST-type data: Adam, lr 1e-3, 64 per domain)."""
+
+    algorithm: Literal["erm"] = "erm"
+    steps: int = Field(5000, ge=1, description="training steps (one mini-batch per source domain each)")
+    batch_size: int = Field(64, ge=1, description="mini-batch size per source domain")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
+    weight_decay: float = Field(0.0, ge=0)
+    eval_every: int = Field(100, ge=1, description="steps between intra-domain validations (checkpoints)")
+
+
+class PruneSettings(_Strict):
+    """Iterative pruning with fine-tuning (paper A.3: SGD lr 1e-3, momentum 0.9, batch 64)."""
+
+    criterion: str = Field("ior", description=f"one of {', '.join(CRITERIA)}")
+    alpha: float = Field(1.0, ge=0, description="weight of IoR's variance term (paper: 1)")
+    keep_ratio: float = Field(0.5, gt=0, le=1, description="share of prunable filters that remain")
+    scope: Literal["all", "internal"] = Field("all", description="all: also residual-coupled channels")
+    interval: int = Field(30, ge=1, description="mini-batches between pruning steps")
+    max_per_step: int = Field(100, ge=1, description="most filters removed per pruning step")
+    ema: float = Field(0.9, ge=0, lt=1, description="momentum of the score moving average across intervals")
+    steps: int = Field(
+        3000,
+        ge=1,
+        description="fine-tuning steps in all (extended if pruning needs more to reach the target)",
+    )
+    batch_size: int = Field(64, ge=1, description="mini-batch size per source domain")
+    lr: float = Field(1e-3, gt=0, description="SGD learning rate")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    weight_decay: float = Field(0.0, ge=0)
+    eval_every: int = Field(100, ge=1, description="steps between validations once at the target")
+
+    @field_validator("criterion")
+    @classmethod
+    def _known_criterion(cls, value: str) -> str:
+        if value not in CRITERIA:
+            raise ValueError(f"must be one of {', '.join(CRITERIA)}, got {value!r}")
+        return value

@@ -1,0 +1,89 @@
+"""The pruning schedule: interval averaging, EMA, per-step cap, exact stop, groups never emptied."""
+
+import itertools
+
+import pytest
+import torch
+
+from dgprune.pruning.schedule import PruningSchedule, target_channels
+
+
+def _run(schedule: PruningSchedule, score_fn, max_batches: int = 10_000):
+    counts, removed_sets = [schedule.num_alive], []
+    ever_pruned = torch.zeros(schedule.total, dtype=torch.bool)
+    for _ in range(max_batches):
+        if schedule.done:
+            break
+        schedule.observe(score_fn())
+        chosen = schedule.step()
+        if chosen is not None:
+            assert not ever_pruned[chosen].any(), "a pruned channel was chosen again"
+            assert ever_pruned[~schedule.alive].all() or True
+            ever_pruned[chosen] = True
+            assert torch.equal(~schedule.alive, ever_pruned), "pruned channels must never return"
+            counts.append(schedule.num_alive)
+            removed_sets.append(chosen)
+    return counts
+
+
+@pytest.mark.parametrize("keep_ratio", [0.5, 0.3, 0.07])
+def test_counts_follow_cap_and_stop_exactly(keep_ratio):
+    sizes = [64, 128, 128, 256, 3]
+    schedule = PruningSchedule(sizes, keep_ratio, interval=4, max_per_step=100)
+    counts = _run(schedule, lambda: torch.rand(sum(sizes)))
+    target = target_channels(sum(sizes), keep_ratio, len(sizes))
+    assert counts[-1] == target
+    for before, after in itertools.pairwise(counts):
+        assert before - after == min(100, before - target)
+    groups = schedule.group_of[schedule.alive]
+    assert set(groups.tolist()) == set(range(len(sizes))), "a group was emptied"
+
+
+def test_group_never_emptied_even_when_its_scores_are_lowest():
+    sizes = [10, 50]
+    scores = torch.cat([torch.zeros(10), torch.ones(50)])  # group 0 always least important
+    schedule = PruningSchedule(sizes, 0.1, interval=1, max_per_step=100)
+    _run(schedule, lambda: scores)
+    alive_per_group = torch.bincount(schedule.group_of[schedule.alive], minlength=2)
+    assert alive_per_group[0] == 1 and schedule.num_alive == 6
+
+
+def test_interval_mean_and_ema_choose_the_channels():
+    # 4 channels in one group; interval 2, momentum 0.5; prune 1 per step.
+    schedule = PruningSchedule([4], keep_ratio=0.5, interval=2, max_per_step=1, momentum=0.5)
+    schedule.observe(torch.tensor([1.0, 5.0, 3.0, 4.0]))
+    assert schedule.step() is None  # interval not complete
+    schedule.observe(torch.tensor([3.0, 5.0, 3.0, 4.0]))
+    first = schedule.step()  # mean [2, 5, 3, 4] initialises the EMA
+    assert first.tolist() == [0]
+    torch.testing.assert_close(schedule.ema, torch.tensor([2.0, 5.0, 3.0, 4.0], dtype=torch.float64))
+    schedule.observe(torch.tensor([0.0, 0.0, 9.0, 9.0]))
+    schedule.observe(torch.tensor([0.0, 0.0, 9.0, 9.0]))
+    second = schedule.step()  # ema = 0.5*[2,5,3,4] + 0.5*[0,0,9,9] = [1, 2.5, 6, 6.5]
+    assert second.tolist() == [1]
+    assert schedule.done and schedule.step() is None
+
+
+def test_state_dict_round_trip_continues_identically():
+    sizes = [30, 40]
+    gen = torch.Generator().manual_seed(1)
+    scores = [torch.rand(70, generator=gen) for _ in range(40)]
+    a = PruningSchedule(sizes, 0.3, interval=3, max_per_step=7)
+    b = PruningSchedule(sizes, 0.3, interval=3, max_per_step=7)
+    for s in scores[:10]:
+        a.observe(s), a.step()
+        b.observe(s), b.step()
+    c = PruningSchedule(sizes, 0.3, interval=3, max_per_step=7)
+    c.load_state_dict(b.state_dict())
+    for s in scores[10:]:
+        a.observe(s)
+        c.observe(s)
+        ra, rc = a.step(), c.step()
+        assert (ra is None and rc is None) or torch.equal(ra, rc)
+    assert torch.equal(a.alive, c.alive)
+
+
+def test_keep_ratio_out_of_range():
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match="keep_ratio"):
+            PruningSchedule([10], bad)
