@@ -7,15 +7,18 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
+import torch
 import typer
+from rich import box
 from rich.console import Console
 from rich.table import Table as RichTable
 
 from dgprune.errors import DgpruneError
 from dgprune.experiments.config import RunConfig, build_config, dump_config
 from dgprune.experiments.demo import DEMO_CRITERIA, DEMO_KEEP_RATIOS, run_demo
-from dgprune.experiments.pipeline import make_context, run_pretrain, run_prune
+from dgprune.experiments.pipeline import load_model_dir, make_context, run_pretrain, run_prune
 from dgprune.experiments.records import write_records
+from dgprune.pruning.surgery import STRUCTURE_FILE, export_onnx
 from dgprune.report.table1 import Table, table1
 from dgprune.training.evaluation import evaluate
 from dgprune.training.progress import LinePrinter
@@ -25,7 +28,8 @@ app = typer.Typer(
     no_args_is_help=True,
     help="Domain-generalized filter pruning: Taylor-FO and IoR criteria, leave-one-domain-out evaluation.",
 )
-console = Console()
+# Paper-style tables are wide: do not wrap them to 80 columns when output is not a terminal.
+console = Console() if sys.stdout.isatty() else Console(width=240)
 
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="YAML/TOML file of settings (see `dgprune config`).")
@@ -41,7 +45,7 @@ def _progress(quiet: bool, prefix: str = ""):
 
 
 def _print_table(table: Table, title: str) -> None:
-    rich_table = RichTable(title=title)
+    rich_table = RichTable(title=title, box=box.SIMPLE_HEAVY)
     for column in table.header:
         rich_table.add_column(column, justify="left" if column == "Model" else "right")
     for row in table.rows:
@@ -98,7 +102,8 @@ def demo(
     )
     table = table1(records)
     (out / "table.md").write_text(table.to_markdown() + "\n")
-    _print_table(table, f"{records[0].dataset}: top-1 accuracy (%), seed {seed}")
+    first = records[0]
+    _print_table(table, f"{first.model} on {first.dataset}: top-1 accuracy (%) by target domain, seed {seed}")
     console.print(f"results: {out / 'results.json'}  table: {out / 'table.md'}")
 
 
@@ -189,6 +194,17 @@ def evaluate_cmd(
             indent=1,
         )
     )
+
+
+@app.command("export")
+def export_cmd(
+    model_dir: Annotated[Path, typer.Option("--model", help="A dgprune model directory.")],
+    out: Annotated[Path, typer.Option(help="ONNX file to write.")],
+) -> None:
+    """Export a saved (dense or compressed) model to ONNX (dynamic batch size)."""
+    model = load_model_dir(model_dir)
+    shape = json.loads((model_dir / STRUCTURE_FILE).read_text())["input_shape"]
+    console.print(f"wrote {export_onnx(model, out, torch.zeros(1, *shape))}")
 
 
 @app.command("config")

@@ -20,7 +20,13 @@ from dgprune.experiments.config import RunConfig
 from dgprune.experiments.records import ResultRecord
 from dgprune.models import build_model
 from dgprune.pruning.groups import find_channel_groups
-from dgprune.pruning.surgery import load_compressed, model_cost, remove_channels, save_compressed
+from dgprune.pruning.surgery import (
+    STRUCTURE_FILE,
+    load_compressed,
+    model_cost,
+    remove_channels,
+    save_compressed,
+)
 from dgprune.training.evaluation import evaluate
 from dgprune.training.pretrain import pretrain
 from dgprune.training.progress import ProgressCallback
@@ -66,10 +72,15 @@ class RunContext:
         return build_model(**self.build_spec(), weights=weights).to(self.device)
 
     def load_model_dir(self, directory: Path) -> nn.Module:
-        if not (directory / "structure.json").is_file():
-            raise ConfigError(f"{directory}: not a dgprune model directory (no structure.json)")
-        model, _ = load_compressed(directory, build_model, torch.zeros(1, *self.dataset.input_shape))
-        return model.to(self.device)
+        return load_model_dir(directory, torch.zeros(1, *self.dataset.input_shape)).to(self.device)
+
+
+def load_model_dir(directory: Path, example_input: torch.Tensor | None = None) -> nn.Module:
+    """A model saved by a dgprune stage (dense or compressed), with a clear error if it is not one."""
+    if not (directory / STRUCTURE_FILE).is_file():
+        raise ConfigError(f"{directory}: not a dgprune model directory (no {STRUCTURE_FILE})")
+    model, _ = load_compressed(directory, build_model, example_input)
+    return model
 
 
 def make_context(config: RunConfig, dataset: MultiDomainDataset | None = None) -> RunContext:
@@ -91,6 +102,7 @@ def _record(
     selected_step: int,
     started: float,
     diff: float | None = None,
+    variance_share: float | None = None,
 ) -> ResultRecord:
     acc = evaluate(model, ctx.split, ctx.device)
     cost = model_cost(model, ctx.example_input)
@@ -119,6 +131,7 @@ def _record(
         model_dir=str(directory),
         wall_time_s=time.monotonic() - started,
         masked_vs_compressed_max_abs_diff=diff,
+        variance_term_share=variance_share,
     )
 
 
@@ -130,7 +143,7 @@ def run_pretrain(ctx: RunContext, out_dir: Path, progress: ProgressCallback | No
     started = time.monotonic()
     model = ctx.new_model()
     outcome = pretrain(model, ctx.split, ctx.config.pretrain, ctx.config.seed, ctx.device, progress)
-    save_compressed(out_dir, model, {}, ctx.build_spec())
+    save_compressed(out_dir, model, {}, ctx.build_spec(), ctx.dataset.input_shape)
     total = sum(g.size for g in find_channel_groups(model, ctx.example_input, ctx.config.prune.scope))
     cost = model_cost(model, ctx.example_input)
     record = _record(ctx, model, out_dir, "none", 1.0, (total, total), cost, outcome.best_step, started)
@@ -162,7 +175,7 @@ def run_prune(
     with torch.no_grad():
         diff = float((model(probe) - masked_logits).abs().max())
     structure = _read_structure(pretrained_dir)
-    save_compressed(out_dir, model, pruned, structure["build"])
+    save_compressed(out_dir, model, pruned, structure["build"], ctx.dataset.input_shape)
     filters = (outcome.filters_total, outcome.filters_kept)
     record = _record(
         ctx,
@@ -175,10 +188,11 @@ def run_prune(
         outcome.best_step,
         started,
         diff,
+        outcome.variance_term_share,
     )
     metrics_path.write_text(json.dumps(record.to_dict(), indent=1))
     return record
 
 
 def _read_structure(directory: Path) -> dict:
-    return json.loads((directory / "structure.json").read_text())
+    return json.loads((directory / STRUCTURE_FILE).read_text())

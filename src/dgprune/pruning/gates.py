@@ -6,6 +6,10 @@ scoring, each source domain gets its own *copy* of every gate vector (a leaf ten
 The domains' graphs are then independent (train-mode BatchNorm only mixes samples of one
 domain), so a single backward of ``sum_i w_i R_i`` leaves ``w_i * dR_i/dg`` exactly in the
 gradient of domain i's copy: the per-domain gate gradients come from one backward pass.
+
+Models without batch-coupled layers (no train-mode BatchNorm, e.g. GroupNorm's MNIST_CNN) may
+instead forward all domains in one batch with a per-sample domain index: each sample is gated by
+its own domain's copy, and since samples do not interact the result is the same, only faster.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ class GateSet:
         device = next(model.parameters()).device
         self.alive = [torch.ones(g.size, dtype=torch.bool, device=device) for g in groups]
         self._domain_gates: list[torch.Tensor] | None = None
-        self._domain: int | None = None
+        self._domain: int | torch.Tensor | None = None
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._modules = dict(model.named_modules())
 
@@ -58,8 +62,10 @@ class GateSet:
     ) -> torch.Tensor:
         gate = self._current_gate(group_idx).to(output.dtype)
         if order is not None:
-            gate = gate[order.to(gate.device)]
-        return output * gate.view(1, -1, *([1] * (output.dim() - 2)))
+            gate = gate[..., order.to(gate.device)]
+        if gate.dim() == 1:
+            gate = gate.unsqueeze(0)  # one gate vector for the whole batch, else one per sample
+        return output * gate.view(gate.shape[0], -1, *([1] * (output.dim() - 2)))
 
     def _current_gate(self, group_idx: int) -> torch.Tensor:
         if self._domain_gates is not None and self._domain is not None:
@@ -79,8 +85,11 @@ class GateSet:
         self._domain = None
 
     @contextmanager
-    def domain(self, index: int) -> Iterator[None]:
-        """Forward passes inside this block use domain ``index``'s gate copies."""
+    def domain(self, index: int | torch.Tensor) -> Iterator[None]:
+        """Forward passes inside this block use domain ``index``'s gate copies.
+
+        ``index`` may be a [B] tensor giving each sample's domain (for batches mixing domains).
+        """
         if self._domain_gates is None:
             raise RuntimeError("call begin_scoring() before forwarding per domain")
         self._domain = index

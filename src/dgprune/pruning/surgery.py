@@ -60,22 +60,60 @@ def model_cost(model: nn.Module, example_input: torch.Tensor) -> ModelCost:
 
 
 def save_compressed(
-    directory: Path, model: nn.Module, pruned: dict[str, list[int]], build_spec: dict[str, Any]
+    directory: Path,
+    model: nn.Module,
+    pruned: dict[str, list[int]],
+    build_spec: dict[str, Any],
+    input_shape: tuple[int, ...] | None = None,
 ) -> None:
-    """Write the compressed ``model`` with what is needed to rebuild its architecture."""
+    """Write the compressed ``model`` with what is needed to rebuild its architecture.
+
+    ``input_shape`` (C, H, W) lets the model be traced again without its dataset.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(directory / WEIGHTS_FILE))
-    structure = {"format": "dgprune.compressed/1", "build": build_spec, "pruned_channels": pruned}
+    structure = {
+        "format": "dgprune.compressed/1",
+        "build": build_spec,
+        "input_shape": list(input_shape) if input_shape else None,
+        "pruned_channels": pruned,
+    }
     (directory / STRUCTURE_FILE).write_text(json.dumps(structure, indent=1))
 
 
 def load_compressed(
-    directory: Path, build_model: Callable[..., nn.Module], example_input: torch.Tensor
+    directory: Path, build_model: Callable[..., nn.Module], example_input: torch.Tensor | None = None
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a model written by :func:`save_compressed`; returns it and its structure description."""
     structure = json.loads((directory / STRUCTURE_FILE).read_text())
+    if example_input is None:
+        if not structure.get("input_shape"):
+            raise ValueError(f"{directory}: no input_shape recorded; pass example_input")
+        example_input = torch.zeros(1, *structure["input_shape"])
     model = build_model(**structure["build"])
     remove_channels(model, structure["pruned_channels"], example_input)
     model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
     return model, structure
+
+
+def export_onnx(model: nn.Module, path: Path, example_input: torch.Tensor) -> Path:
+    """Export a (compressed) model to ONNX, batch size dynamic. Needs the ``onnx`` extra."""
+    try:
+        import onnx  # noqa: F401  (torch's exporter needs it; fail with a clear message)
+    except ImportError as err:
+        raise ImportError("ONNX export needs `pip install 'dgprune[onnx]'`") from err
+    was_training = model.training
+    model.eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(
+        model,
+        (example_input[:1],),
+        str(path),
+        input_names=["images"],
+        output_names=["logits"],
+        dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+        dynamo=False,
+    )
+    model.train(was_training)
+    return path

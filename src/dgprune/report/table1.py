@@ -9,7 +9,7 @@ from statistics import mean
 
 from dgprune.experiments.records import ResultRecord
 
-CRITERION_LABELS = {"taylor": "baseline (Taylor)", "ior": "with IoR", "none": "before pruning"}
+CRITERION_LABELS = {"taylor": "Taylor (baseline)", "ior": "IoR", "none": "before pruning"}
 
 
 @dataclass
@@ -55,9 +55,9 @@ def table1(records: list[ResultRecord]) -> Table:
 
 def _label(record: ResultRecord) -> str:
     if record.criterion == "none":
-        return f"{record.model} (before pruning)"
+        return "dense (before pruning)"
     name = CRITERION_LABELS.get(record.criterion, record.criterion)
-    return f"{record.model}-{record.keep_ratio:.0%} {name}"
+    return f"{record.keep_ratio:.0%} {name}"
 
 
 def _pct(values: list[float]) -> str:

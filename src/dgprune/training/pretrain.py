@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -38,6 +39,7 @@ def pretrain(
     best_val, best_step, best_state = -1.0, 0, copy.deepcopy(model.state_dict())
     history: list[dict[str, float]] = []
     model.train()
+    started = time.monotonic()
     for step in range(1, settings.steps + 1):
         minibatches = [(x.to(device), y.to(device)) for x, y in batches.next()]
         losses = algorithm.update(minibatches)
@@ -48,6 +50,15 @@ def pretrain(
                 best_val, best_step = val, step
                 best_state = copy.deepcopy(model.state_dict())
             if progress:
-                progress(ProgressEvent("pretrain", step, settings.steps, losses["loss"], val_acc=val))
+                progress(
+                    ProgressEvent(
+                        "pretrain",
+                        step,
+                        settings.steps,
+                        losses["loss"],
+                        val_acc=val,
+                        elapsed_s=time.monotonic() - started,
+                    )
+                )
     model.load_state_dict(best_state)
     return PretrainOutcome(best_state, best_val, best_step, history)

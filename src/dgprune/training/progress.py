@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,6 +16,7 @@ class ProgressEvent:
     filters_alive: int | None = None
     filters_total: int | None = None
     val_acc: float | None = None
+    elapsed_s: float = 0.0  # since the stage started
 
 
 ProgressCallback = Callable[[ProgressEvent], None]
@@ -28,15 +28,9 @@ class LinePrinter:
     def __init__(self, prefix: str = "", stream=None) -> None:
         self.prefix = prefix
         self.stream = stream or sys.stderr
-        self._stage_start: dict[str, float] = {}
 
     def __call__(self, event: ProgressEvent) -> None:
-        now = time.monotonic()
-        start = self._stage_start.setdefault(event.stage, now)
-        if event.step <= 1:
-            self._stage_start[event.stage] = start = now
-        elapsed = now - start
-        eta = elapsed / max(event.step, 1) * (event.total_steps - event.step)
+        eta = event.elapsed_s / max(event.step, 1) * (event.total_steps - event.step)
         parts = [
             f"{self.prefix}{event.stage} step {event.step}/{event.total_steps}",
             f"loss {event.loss:.3f}",

@@ -10,13 +10,14 @@ validation accuracy among those that already have the target number of filters.
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from dgprune.data import DomainBatches, LodoSplit
-from dgprune.pruning.criteria import ScoreInputs, make_criterion
+from dgprune.pruning.criteria import ScoreInputs, ior_scores, make_criterion, taylor_scores
 from dgprune.pruning.gates import GateSet
 from dgprune.pruning.groups import find_channel_groups
 from dgprune.pruning.schedule import PruningSchedule
@@ -35,6 +36,9 @@ class PruneOutcome:
     best_step: int
     steps_run: int
     history: list[dict[str, float]] = field(default_factory=list)
+    # Mean over pruning steps of alpha*sum((dVar/dg)^2) / sum(IoR score): how much IoR's variance
+    # term weighs against the Taylor term (0 means IoR would rank exactly as Taylor does).
+    variance_term_share: float = 0.0
 
     @property
     def filters_total(self) -> int:
@@ -70,13 +74,17 @@ def prune_and_finetune(
     total_steps = max(settings.steps, schedule.steps_to_target() + 1)
     best_val, best_step, best_state = -1.0, 0, None
     history: list[dict[str, float]] = []
+    shares: list[float] = []
     model.train()
+    started = time.monotonic()
     for step in range(1, total_steps + 1):
         minibatches = [(x.to(device), y.to(device)) for x, y in batches.next()]
         optimizer.zero_grad(set_to_none=True)
         out = per_domain_forward_backward(model, gates, minibatches)
         if not schedule.done:
-            schedule.observe(criterion.score(_score_inputs(model, gates, out, criterion.needs_weights)))
+            inputs = _score_inputs(model, gates, out, criterion.needs_weights)
+            schedule.observe(criterion.score(inputs))
+            shares.append(_variance_share(inputs, settings.alpha))
         optimizer.step()
         reached_now = False
         chosen = schedule.step()
@@ -93,10 +101,27 @@ def prune_and_finetune(
                 best_val, best_step = val, step
                 best_state = copy.deepcopy(model.state_dict())
         if progress and (step % log_every == 0 or step == total_steps or val is not None):
-            progress(ProgressEvent("prune", step, total_steps, out.loss, gates.num_alive(), gates.total, val))
+            progress(
+                ProgressEvent(
+                    "prune",
+                    step,
+                    total_steps,
+                    out.loss,
+                    gates.num_alive(),
+                    gates.total,
+                    val,
+                    time.monotonic() - started,
+                )
+            )
     assert best_state is not None  # total_steps guarantees at least one evaluation at the target
     model.load_state_dict(best_state)
-    return PruneOutcome(gates, best_state, best_val, best_step, total_steps, history)
+    share = sum(shares) / len(shares) if shares else 0.0
+    return PruneOutcome(gates, best_state, best_val, best_step, total_steps, history, share)
+
+
+def _variance_share(inputs: ScoreInputs, alpha: float) -> float:
+    ior = ior_scores(inputs, alpha).sum()
+    return float((ior - taylor_scores(inputs).sum()) / ior) if ior > 0 else 0.0
 
 
 def _score_inputs(model: nn.Module, gates: GateSet, out, needs_weights: bool) -> ScoreInputs:

@@ -1,0 +1,414 @@
+"""Cost of a pruning training step: IoR scoring vs Taylor scoring vs a naive IoR vs a plain step.
+
+Every variant does the same work on the same model and data: one mini-batch per source domain,
+each domain forwarded on its own, backward, SGD step (lr 1e-3, momentum 0.9).
+
+- ``plain``:  no gates attached; one backward of the mean risk (the gate-overhead reference).
+- ``taylor``: ``per_domain_forward_backward`` (per-domain gate copies, one backward) + Taylor-FO scores.
+- ``ior``:    the same + IoR scores (DESIGN.md §2, Eq. 4).
+- ``naive``:  IoR computed the obvious way: one shared gate vector per group, ``N`` separate
+  ``torch.autograd.grad(R_i, gates, retain_graph=True)`` calls (one backward per domain), then the
+  parameter backward of the mean risk, then the IoR formula.
+
+Absolute times on a shared machine are noisy, so the figures that matter are *ratios* measured in
+one run: the variants are interleaved (the order rotates every round), each round times a block of
+steps per variant, and the reported figures are medians over rounds (ratios: median of the per-round
+ratios, with their inter-quartile range).
+
+    python benchmarks/bench_scoring.py --json benchmarks/results/scoring.json
+    python benchmarks/bench_scoring.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dgprune.models.factory import build_model
+from dgprune.pruning import (
+    GateSet,
+    ScoreInputs,
+    find_channel_groups,
+    make_criterion,
+    per_domain_forward_backward,
+)
+from dgprune.pruning.criteria import Criterion
+from dgprune.pruning.groups import ChannelGroup
+
+# name -> (build_model kwargs, image side)
+MODELS: dict[str, tuple[dict[str, Any], int]] = {
+    "mnist_cnn": ({"name": "mnist_cnn", "num_classes": 10, "in_channels": 1}, 8),
+    "resnet18": ({"name": "resnet18", "num_classes": 7, "in_channels": 3, "small_input": True}, 32),
+}
+VARIANTS = ("plain", "taylor", "ior", "naive")
+RATIOS = {
+    "ior/taylor": ("ior", "taylor"),
+    "naive/taylor": ("naive", "taylor"),
+    "taylor/plain": ("taylor", "plain"),
+}
+IOR_TARGET = 1.05
+
+Batches = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+# ---- the naive IoR: shared gates, one backward per domain ------------------------------------------
+class SharedGates:
+    """One gate leaf per channel group shared by all domains, applied where GateSet applies its gates."""
+
+    def __init__(self, model: nn.Module, groups: list[ChannelGroup]) -> None:
+        self.model = model
+        self.groups = groups
+        self.leaves: list[torch.Tensor] = []
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def attach(self) -> None:
+        modules = dict(self.model.named_modules())
+        for group_idx, group in enumerate(self.groups):
+            for site in group.gate_sites:
+                # module channel c is gated by group position p where site.channel_index[p] == c
+                order = torch.argsort(torch.tensor(site.channel_index, dtype=torch.long))
+                hook = partial(self._apply, group_idx, order)
+                self._handles.append(modules[site.module_name].register_forward_hook(hook))
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def fresh(self) -> None:
+        """New all-ones gate leaves for one step (no channel is pruned in this benchmark)."""
+        dtype = next(self.model.parameters()).dtype
+        self.leaves = [torch.ones(g.size, dtype=dtype, requires_grad=True) for g in self.groups]
+
+    def _apply(
+        self, group_idx: int, order: torch.Tensor, module, inputs, output: torch.Tensor
+    ) -> torch.Tensor:
+        gate = self.leaves[group_idx][order]
+        return output * gate.view(1, -1, *([1] * (output.dim() - 2)))
+
+
+def naive_ior_scores(
+    domain_grads: torch.Tensor, risks: torch.Tensor, gates: torch.Tensor, alpha: float = 1.0
+) -> torch.Tensor:
+    """Eq. 4 written out: ((1/N) sum_i G_i g)^2 + alpha ((2/N) sum_i (R_i - mean R) G_i g)^2."""
+    n = risks.numel()
+    taylor = (domain_grads.mean(dim=0) * gates) ** 2
+    var_grad = 2.0 / n * ((risks - risks.mean()).unsqueeze(1) * domain_grads).sum(dim=0)
+    return taylor + alpha * (var_grad * gates) ** 2
+
+
+# ---- one training step per variant -----------------------------------------------------------------
+@dataclass
+class Bench:
+    model: nn.Module
+    batches: Batches
+    gates: GateSet
+    shared: SharedGates
+    optimizer: torch.optim.Optimizer
+    params: list[nn.Parameter] = field(default_factory=list)
+    criteria: dict[str, Criterion] = field(
+        default_factory=lambda: {name: make_criterion(name) for name in ("taylor", "ior")}
+    )
+
+    def step_plain(self, update: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        risks = [F.cross_entropy(self.model(x), y) for x, y in self.batches]
+        torch.stack(risks).mean().backward()
+        if update:
+            self.optimizer.step()
+
+    def step_library(self, criterion_name: str, update: bool = True) -> torch.Tensor:
+        criterion = self.criteria[criterion_name]
+        self.optimizer.zero_grad(set_to_none=True)
+        out = per_domain_forward_backward(self.model, self.gates, self.batches)
+        scores = criterion.score(
+            ScoreInputs(gates=self.gates.flat_gates(), domain_grads=out.domain_grads, risks=out.risks)
+        )
+        if update:
+            self.optimizer.step()
+        return scores
+
+    def step_naive(self, update: bool = True) -> torch.Tensor:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.shared.fresh()
+        risks = [F.cross_entropy(self.model(x), y) for x, y in self.batches]
+        per_domain = []
+        for risk in risks:  # one backward per domain, through that domain's graph only
+            grads = torch.autograd.grad(risk, self.shared.leaves, retain_graph=True)
+            per_domain.append(torch.cat(grads))
+        risk_vector = torch.stack(risks)
+        risk_vector.mean().backward(inputs=self.params)  # the parameter gradients of the training loss
+        gate_values = torch.cat([leaf.detach() for leaf in self.shared.leaves])
+        scores = naive_ior_scores(torch.stack(per_domain), risk_vector.detach(), gate_values)
+        if update:
+            self.optimizer.step()
+        return scores
+
+    # which hooks each variant needs; switching happens outside the timed blocks
+    def enter(self, variant: str) -> None:
+        self.gates.detach()
+        self.shared.detach()
+        if variant in ("taylor", "ior"):
+            self.gates.attach()
+        elif variant == "naive":
+            self.shared.attach()
+
+    def step_fn(self, variant: str) -> Callable[[], object]:
+        return {
+            "plain": self.step_plain,
+            "taylor": partial(self.step_library, "taylor"),
+            "ior": partial(self.step_library, "ior"),
+            "naive": self.step_naive,
+        }[variant]
+
+
+def make_bench(model_key: str, domains: int, batch: int, seed: int) -> Bench:
+    kwargs, side = MODELS[model_key]
+    torch.manual_seed(seed)
+    model = build_model(**kwargs)
+    channels, classes = kwargs["in_channels"], kwargs["num_classes"]
+    generator = torch.Generator().manual_seed(seed)
+    batches = [
+        (
+            torch.randn(batch, channels, side, side, generator=generator),
+            torch.randint(0, classes, (batch,), generator=generator),
+        )
+        for _ in range(domains)
+    ]
+    groups = find_channel_groups(model, batches[0][0][:2], scope="all")
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    return Bench(
+        model,
+        batches,
+        GateSet(model, groups),
+        SharedGates(model, groups),
+        optimizer,
+        list(model.parameters()),
+    )
+
+
+def check_naive_matches_library(bench: Bench) -> float:
+    """Max relative difference between the library's IoR scores and the naive ones (same weights)."""
+    bench.enter("ior")
+    library = bench.step_library("ior", update=False)
+    bench.enter("naive")
+    naive = bench.step_naive(update=False)
+    bench.enter("none")
+    bench.optimizer.zero_grad(set_to_none=True)
+    return float((library - naive).abs().max() / library.abs().max().clamp_min(1e-30))
+
+
+# ---- timing ----------------------------------------------------------------------------------------
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    if len(values) == 1:
+        return values[0], values[0], values[0]
+    q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q2, q3
+
+
+def time_model(
+    bench: Bench, max_rounds: int, warmup: int, min_block_s: float, budget_s: float
+) -> dict[str, Any]:
+    """Interleaved timing; as many rounds as fit in ``budget_s`` (at least 3, at most ``max_rounds``)."""
+    fns = {v: bench.step_fn(v) for v in VARIANTS}
+    # warm-up, and a first estimate of each variant's step time to size the timed blocks
+    estimate = {}
+    for variant in VARIANTS:
+        bench.enter(variant)
+        for _ in range(warmup):
+            fns[variant]()
+        t0 = time.perf_counter()
+        fns[variant]()
+        estimate[variant] = time.perf_counter() - t0
+    steps = {v: max(1, math.ceil(min_block_s / max(estimate[v], 1e-6))) for v in VARIANTS}
+    round_s = sum(steps[v] * estimate[v] for v in VARIANTS)
+    rounds = max(3, min(max_rounds, int(budget_s / max(round_s, 1e-6))))
+    block_ms: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    for r in range(rounds):
+        order = VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]
+        for variant in order:
+            bench.enter(variant)
+            fn, n = fns[variant], steps[variant]
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            block_ms[variant].append((time.perf_counter() - t0) / n * 1e3)
+    bench.enter("none")
+    ms = {v: statistics.median(block_ms[v]) for v in VARIANTS}
+    ratios = {}
+    for name, (a, b) in RATIOS.items():
+        per_round = [x / y for x, y in zip(block_ms[a], block_ms[b], strict=True)]
+        q1, q2, q3 = quartiles(per_round)
+        ratios[name] = {"median": q2, "q25": q1, "q75": q3, "per_round": per_round}
+    return {
+        "rounds": rounds,
+        "steps_per_block": steps,
+        "ms_per_step": ms,
+        "block_ms": block_ms,
+        "ratios": ratios,
+    }
+
+
+# ---- report ----------------------------------------------------------------------------------------
+def machine_info(threads: int) -> dict[str, Any]:
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "date_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cores_available": available_cores(),
+        "torch_threads": threads,
+        "mkldnn": torch.backends.mkldnn.is_available(),
+    }
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def fmt_ratio(r: dict[str, float]) -> str:
+    return f"{r['median']:.3f} [{r['q25']:.3f}-{r['q75']:.3f}]"
+
+
+def markdown_table(results: list[dict[str, Any]]) -> str:
+    head = (
+        "| model | input | domains x batch | gated channels | plain ms | taylor ms | ior ms | naive ms "
+        "| ior/taylor | naive/taylor | taylor/plain |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|\n"
+    )
+    rows = []
+    for res in results:
+        ms, ratios = res["ms_per_step"], res["ratios"]
+        rows.append(
+            f"| {res['model']} | {res['input']} | {res['domains']} x {res['batch']} "
+            f"| {res['gated_channels']} "
+            + " ".join(f"| {ms[v]:.1f}" for v in VARIANTS)
+            + " "
+            + " ".join(f"| {fmt_ratio(ratios[k])}" for k in RATIOS)
+            + " |"
+        )
+    return head + "\n".join(rows) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--domains", type=int, default=5, help="source domains (one mini-batch each)")
+    parser.add_argument("--batch", type=int, default=32, help="images per domain per step")
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="max interleaved rounds per model (default 15; quick 3)"
+    )
+    parser.add_argument(
+        "--budget", type=float, default=None, help="timed seconds per model, caps the rounds (default 150)"
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=None,
+        help="untimed steps per variant before sizing the blocks (default 1)",
+    )
+    parser.add_argument("--min-block", type=float, default=None, help="seconds per timed block (default 0.5)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: cores available)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--quick", action="store_true", help="short smoke run: 3 rounds, batch 8, 0.1 s blocks"
+    )
+    parser.add_argument("--json", type=Path, default=None, help="write the raw figures here")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.batch = min(args.batch, 8)
+    rounds = args.rounds or (3 if args.quick else 15)
+    budget = args.budget if args.budget is not None else (20.0 if args.quick else 150.0)
+    warmup = args.warmup if args.warmup is not None else 1
+    min_block = args.min_block if args.min_block is not None else (0.1 if args.quick else 0.5)
+    threads = args.threads or available_cores()
+    torch.set_num_threads(threads)
+    meta = machine_info(torch.get_num_threads())
+    print(
+        f"torch {meta['torch']}, {meta['cores_available']} cores available, "
+        f"torch.set_num_threads({threads}) -> {torch.get_num_threads()} threads; {meta['cpu']}"
+    )
+    print(
+        f"max rounds={rounds} budget={budget:.0f}s/model warmup={warmup} min_block={min_block}s "
+        f"domains={args.domains} batch={args.batch}"
+    )
+
+    results = []
+    for key in args.models:
+        t0 = time.perf_counter()
+        bench = make_bench(key, args.domains, args.batch, args.seed)
+        rel = check_naive_matches_library(bench)
+        timing = time_model(bench, rounds, warmup, min_block, budget)
+        side = MODELS[key][1]
+        channels = MODELS[key][0]["in_channels"]
+        res = {
+            "model": key,
+            "input": f"{channels}x{side}x{side}",
+            "domains": args.domains,
+            "batch": args.batch,
+            "gated_channels": bench.gates.total,
+            "groups": len(bench.gates.groups),
+            "naive_vs_library_ior_max_rel_diff": rel,
+            **timing,
+            "wall_s": time.perf_counter() - t0,
+        }
+        results.append(res)
+        print(
+            f"{key}: naive IoR == library IoR to {rel:.1e} (max rel diff); "
+            f"{timing['rounds']} rounds, steps/block {timing['steps_per_block']}; {res['wall_s']:.0f} s"
+        )
+
+    print()
+    print(markdown_table(results))
+    print("ms: median ms per step over rounds; ratios: median of per-round ratios [inter-quartile range].")
+    for res in results:
+        r = res["ratios"]["ior/taylor"]["median"]
+        verdict = "met" if r <= IOR_TARGET else "NOT met"
+        print(f"{res['model']}: ior/taylor = {r:.3f} -> target <= {IOR_TARGET} {verdict}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        settings = {
+            "max_rounds": rounds,
+            "budget_s_per_model": budget,
+            "warmup": warmup,
+            "min_block_s": min_block,
+            "quick": args.quick,
+            "seed": args.seed,
+            "optimizer": "SGD lr 1e-3 momentum 0.9",
+            "ior_target": IOR_TARGET,
+        }
+        payload = {"benchmark": "scoring", "machine": meta, "settings": settings, "results": results}
+        args.json.write_text(json.dumps(payload, indent=1))
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+from dgprune.cli import main
+
+main()
