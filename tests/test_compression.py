@@ -82,3 +82,25 @@ def test_classifier_outputs_never_gated():
     # scope=all adds the four residual stages (stem+layer1, layer2, layer3, layer4)
     assert sum(g.residual for g in groups) == 4
     assert sum(g.size for g in groups) == 64 * 3 + 128 * 3 + 256 * 3 + 512 * 3
+
+
+@pytest.mark.parametrize(("name", "pixels"), [("resnet18", 16), ("mnist_cnn", 8)])
+def test_onnx_export_of_compressed_model_matches(tmp_path, name, pixels):
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from dgprune.pruning.surgery import export_onnx
+
+    model = build_model(name, num_classes=5, in_channels=3, small_input=True)
+    _randomise_normalisation(model)
+    model.eval()
+    x = torch.randn(3, 3, pixels, pixels)
+    gates = GateSet(model, find_channel_groups(model, x[:1])).attach()
+    _prune_half(gates, seed=3)
+    gates.detach()
+    remove_channels(model, gates.pruned_positions(), x[:1])
+    path = export_onnx(model, tmp_path / "m.onnx", x[:1])
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (onnx_logits,) = session.run(None, {"images": x.numpy()})  # batch 3: the batch axis is dynamic
+    with torch.no_grad():
+        expected = model(x)
+    assert abs(torch.from_numpy(onnx_logits) - expected).max() < 1e-4

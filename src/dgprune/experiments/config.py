@@ -72,10 +72,11 @@ def _read_mapping(path: Path) -> dict[str, Any]:
 
 
 def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Nested update of ``base`` by ``overrides``; a None in ``overrides`` means "not given"."""
     merged = dict(base)
     for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+        if isinstance(value, dict):
+            merged[key] = _merge(merged.get(key) if isinstance(merged.get(key), dict) else {}, value)
         elif value is not None:
             merged[key] = value
     return merged

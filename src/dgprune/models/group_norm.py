@@ -70,7 +70,9 @@ class MaskableGroupNorm(nn.GroupNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_consistent()
-        if self.is_plain():
+        # Exporters cannot follow the data-dependent choice below; the general path computes the same.
+        exporting = torch.compiler.is_exporting() or torch.jit.is_tracing()
+        if not exporting and self.is_plain():
             return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         # Autocast would run the statistics' matmuls in half precision; keep them in float32 as it
         # does for group_norm itself.

@@ -98,7 +98,10 @@ def load_compressed(
 
 
 def export_onnx(model: nn.Module, path: Path, example_input: torch.Tensor) -> Path:
-    """Export a (compressed) model to ONNX, batch size dynamic. Needs the ``onnx`` extra."""
+    """Export a (compressed) model to ONNX with torch's exporter, batch size dynamic.
+
+    Needs the ``onnx`` extra (onnx + onnxscript). MaskableGroupNorm exports as plain tensor ops.
+    """
     try:
         import onnx  # noqa: F401  (torch's exporter needs it; fail with a clear message)
     except ImportError as err:
@@ -112,8 +115,9 @@ def export_onnx(model: nn.Module, path: Path, example_input: torch.Tensor) -> Pa
         str(path),
         input_names=["images"],
         output_names=["logits"],
-        dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
-        dynamo=False,
+        dynamic_shapes=({0: torch.export.Dim("batch")},),
+        dynamo=True,
+        external_data=False,
     )
     model.train(was_training)
     return path
