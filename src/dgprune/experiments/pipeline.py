@@ -22,9 +22,9 @@ from dgprune.models import build_model
 from dgprune.pruning.groups import find_channel_groups
 from dgprune.pruning.surgery import (
     STRUCTURE_FILE,
+    compress,
     load_compressed,
     model_cost,
-    remove_channels,
     save_compressed,
 )
 from dgprune.training.evaluation import evaluate
@@ -169,9 +169,7 @@ def run_prune(
     model.eval()
     with torch.no_grad():
         masked_logits = model(probe)
-    outcome.gates.detach()  # Torch-Pruning must trace the bare model
-    pruned = outcome.gates.pruned_positions()
-    remove_channels(model, pruned, ctx.example_input)
+    pruned = compress(model, outcome.gates, ctx.example_input)
     with torch.no_grad():
         diff = float((model(probe) - masked_logits).abs().max())
     structure = _read_structure(pretrained_dir)

@@ -5,7 +5,14 @@ from dgprune.pruning.gates import GateSet
 from dgprune.pruning.groups import SCOPES, ChannelGroup, find_channel_groups
 from dgprune.pruning.schedule import PruningSchedule, target_channels
 from dgprune.pruning.scoring import DomainStep, per_domain_forward_backward
-from dgprune.pruning.surgery import load_compressed, model_cost, remove_channels, save_compressed
+from dgprune.pruning.surgery import (
+    compress,
+    export_onnx,
+    load_compressed,
+    model_cost,
+    remove_channels,
+    save_compressed,
+)
 
 __all__ = [
     "CRITERIA",
@@ -16,6 +23,8 @@ __all__ = [
     "GateSet",
     "PruningSchedule",
     "ScoreInputs",
+    "compress",
+    "export_onnx",
     "find_channel_groups",
     "load_compressed",
     "make_criterion",

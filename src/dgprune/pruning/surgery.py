@@ -18,6 +18,7 @@ import torch_pruning as tp
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from dgprune.pruning.gates import GateSet
 from dgprune.pruning.groups import build_dependency_graph
 
 STRUCTURE_FILE = "structure.json"
@@ -41,6 +42,14 @@ def remove_channels(model: nn.Module, pruned: dict[str, list[int]], example_inpu
         group.prune()
     model.train(was_training)
     return model
+
+
+def compress(model: nn.Module, gates: GateSet, example_input: torch.Tensor) -> dict[str, list[int]]:
+    """Remove the gate hooks, then physically delete every pruned channel; returns what was removed."""
+    gates.detach()  # Torch-Pruning must trace the bare model
+    pruned = gates.pruned_positions()
+    remove_channels(model, pruned, example_input)
+    return pruned
 
 
 @dataclass(frozen=True)
