@@ -5,14 +5,21 @@ from __future__ import annotations
 import json
 import platform
 from dataclasses import asdict, dataclass, field
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from dgprune import __version__
+
 
 def library_versions() -> dict[str, str]:
-    names = ["dgprune", "torch", "torchvision", "torch-pruning"]
-    return {"python": platform.python_version(), **{name: version(name) for name in names}}
+    versions = {"python": platform.python_version(), "dgprune": __version__}
+    for name in ("torch", "torchvision", "torch-pruning"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:  # e.g. run from a source tree without installing
+            versions[name] = "unknown"
+    return versions
 
 
 @dataclass
