@@ -1,0 +1,79 @@
+"""Training loops: checkpoint selection rules (paper A.2) and the magnitude statistics."""
+
+import torch
+
+from dgprune.data import load_dataset, make_lodo_split
+from dgprune.models import build_model
+from dgprune.pruning import GateSet, find_channel_groups
+from dgprune.pruning.weight_stats import weight_statistics
+from dgprune.training import PretrainSettings, PruneSettings, intra_accuracy, pretrain, prune_and_finetune
+
+CPU = torch.device("cpu")
+
+
+def _split():
+    return make_lodo_split(load_dataset("rotated_digits"), target="45", seed=1)
+
+
+def test_pretrain_keeps_the_best_intra_val_checkpoint():
+    split = _split()
+    model = build_model("mnist_cnn", 10, 1)
+    outcome = pretrain(
+        model, split, PretrainSettings(steps=30, batch_size=16, eval_every=5), seed=0, device=CPU
+    )
+    vals = [h["val_acc"] for h in outcome.history]
+    assert len(vals) == 6 and outcome.best_val == max(vals)
+    first_best = outcome.history[vals.index(max(vals))]["step"]
+    assert outcome.best_step == first_best
+    assert intra_accuracy(model, split, CPU) == outcome.best_val  # the returned model is that checkpoint
+
+
+def test_pruned_model_is_selected_only_among_checkpoints_at_target():
+    split = _split()
+    model = build_model("mnist_cnn", 10, 1)
+    settings = PruneSettings(
+        criterion="taylor", keep_ratio=0.4, interval=3, max_per_step=60, steps=30, batch_size=16, eval_every=4
+    )
+    outcome = prune_and_finetune(
+        model, split, settings, seed=0, device=CPU, example_input=torch.zeros(1, 1, 8, 8)
+    )
+    target = round(0.4 * 448)
+    assert outcome.filters_kept == target
+    assert outcome.history and all(h["alive"] == target for h in outcome.history)
+    # the target is reached after ceil((448 - 179) / 60) = 5 pruning steps of 3 batches: step 15
+    assert outcome.history[0]["step"] == 15
+    vals = [h["val_acc"] for h in outcome.history]
+    assert outcome.best_val == max(vals)
+    assert intra_accuracy(model, split, CPU) == outcome.best_val
+
+
+def test_schedule_extends_training_until_the_target_is_reached():
+    split = _split()
+    model = build_model("mnist_cnn", 10, 1)
+    settings = PruneSettings(
+        criterion="l1", keep_ratio=0.3, interval=2, max_per_step=100, steps=1, batch_size=8
+    )
+    outcome = prune_and_finetune(
+        model, split, settings, seed=0, device=CPU, example_input=torch.zeros(1, 1, 8, 8)
+    )
+    assert outcome.filters_kept == round(0.3 * 448)
+    assert outcome.steps_run == 4 * 2 + 1  # 4 pruning steps of 2 batches, then one at the target
+
+
+def test_weight_statistics_sum_the_members_of_a_coupled_group():
+    model = build_model("resnet18", 5, 3, small_input=True)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data.uniform_(-1, 1)
+    groups = find_channel_groups(model, torch.zeros(1, 3, 16, 16))
+    l1, scale = weight_statistics(model, groups)
+    gates = GateSet(model, groups)
+    offsets = [0, *torch.cumsum(torch.tensor(gates.sizes), 0).tolist()]
+    stage = next(i for i, g in enumerate(groups) if g.name == "layer2.0.downsample.0")
+    convs = [model.layer2[0].downsample[0], model.layer2[0].conv2, model.layer2[1].conv2]
+    bns = [model.layer2[0].downsample[1], model.layer2[0].bn2, model.layer2[1].bn2]
+    expected_l1 = sum(c.weight.detach().abs().sum(dim=(1, 2, 3)) for c in convs)
+    expected_scale = sum(b.weight.detach().abs() for b in bns)
+    lo, hi = offsets[stage], offsets[stage + 1]
+    torch.testing.assert_close(l1[lo:hi], expected_l1)
+    torch.testing.assert_close(scale[lo:hi], expected_scale)
