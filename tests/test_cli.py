@@ -199,3 +199,47 @@ def test_help_explains_every_option():
         result = dgprune(command, "--help")
         assert result.returncode == 0
         assert "--device" in result.stdout
+
+
+def test_table2_layout_and_deltas(tmp_path):
+    result = dgprune(
+        "table2",
+        "--out",
+        str(tmp_path),
+        "--targets",
+        "75",
+        "--algorithms",
+        "erm,coral",
+        "--pretrain-steps",
+        "8",
+        "--prune-steps",
+        "35",
+        "--device",
+        "cpu",
+        "--quiet",
+    )
+    assert result.returncode == 0, result.stderr
+    records = json.loads((tmp_path / "results.json").read_text())
+    # erm: dense + pruned(erm ft); coral: dense + pruned(erm ft) + pruned(coral ft)
+    assert sorted((r["algorithm"], r["criterion"], r["finetune_algorithm"]) for r in records) == [
+        ("coral", "none", None),
+        ("coral", "taylor", "coral"),
+        ("coral", "taylor", "erm"),
+        ("erm", "none", None),
+        ("erm", "taylor", "erm"),
+    ]
+    rows = [line.split("|")[1:-1] for line in (tmp_path / "table.md").read_text().splitlines()[2:]]
+    labels = [(r[0].strip(), r[1].strip()) for r in rows]
+    assert labels == [
+        ("ERM", "dense"),
+        ("", "pruned 50%, ERM fine-tune"),
+        ("", "Δ"),
+        ("CORAL", "dense"),
+        ("", "pruned 50%, ERM fine-tune"),
+        ("", "Δ"),
+        ("", "pruned 50%, CORAL fine-tune"),
+        ("", "Δ"),
+    ]
+    by = {(r["algorithm"], r["finetune_algorithm"]): r for r in records}
+    coral_delta = 100 * (by[("coral", "coral")]["cross_acc"] - by[("coral", None)]["cross_acc"])
+    assert float(rows[7][3]) == pytest.approx(coral_delta, abs=0.006)

@@ -101,3 +101,30 @@ def test_one_backward_matches_when_batchnorm_mixes_domains_only_per_domain():
     for h in handles:
         h.remove()
     assert (naive - ref_grads).abs().max() > 1e-3 * ref_grads.abs().max()
+
+
+@pytest.mark.parametrize(("name", "pixels"), [("mnist_cnn", 8), ("resnet18", 8)])
+def test_dg_finetune_objective_keeps_plain_risk_gradients(name, pixels):
+    """With a DG objective (CORAL), gate gradients are still those of the plain per-domain CE
+    (IoR's risks) and the parameters receive the gradient of the CORAL objective."""
+    from dgprune.algorithms import DomainOutput, make_algorithm
+    from dgprune.models import forward_with_features
+
+    model, batches = _model_and_batches(name, pixels)
+    groups = find_channel_groups(model, batches[0][0][:1])
+    ref_grads, ref_risks, *_ = _brute_force(model, groups, batches, 1.0)
+    coral = make_algorithm("coral", model, len(batches), {"mmd_gamma": 0.5})
+    # reference parameter gradient: the CORAL objective on per-domain forwards, no gates at all
+    outputs = [DomainOutput(*forward_with_features(model, x), y) for x, y in batches]
+    ref_loss, _ = coral.objective(outputs, batches, lambda x: forward_with_features(model, x))
+    params = [model.fc.weight, next(model.parameters())]
+    ref_param_grads = torch.autograd.grad(ref_loss, params)
+
+    gates = GateSet(model, groups).attach()
+    model.zero_grad()
+    step = per_domain_forward_backward(model, gates, batches, objective=coral.objective)
+    torch.testing.assert_close(step.risks, ref_risks, rtol=1e-10, atol=0)
+    torch.testing.assert_close(step.domain_grads, ref_grads, rtol=1e-5, atol=1e-12 * ref_grads.abs().max())
+    assert step.loss == pytest.approx(float(ref_loss.detach()), rel=1e-9)
+    for param, ref in zip(params, ref_param_grads, strict=True):
+        torch.testing.assert_close(param.grad, ref, rtol=1e-6, atol=1e-12)

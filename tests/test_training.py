@@ -1,5 +1,6 @@
 """Training loops: checkpoint selection rules (paper A.2) and the magnitude statistics."""
 
+import pytest
 import torch
 
 from dgprune.data import load_dataset, make_lodo_split
@@ -77,3 +78,50 @@ def test_weight_statistics_sum_the_members_of_a_coupled_group():
     lo, hi = offsets[stage], offsets[stage + 1]
     torch.testing.assert_close(l1[lo:hi], expected_l1)
     torch.testing.assert_close(scale[lo:hi], expected_scale)
+
+
+@pytest.mark.parametrize("algorithm", ["erm", "coral", "mixup", "vrex", "groupdro", "irm"])
+def test_every_algorithm_pretrains_and_prunes_with_taylor_and_ior(algorithm):
+    split = _split()
+    model = build_model("mnist_cnn", 10, 1)
+    pretrain(model, split, PretrainSettings(algorithm=algorithm, steps=4, batch_size=8, eval_every=2), 0, CPU)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for criterion in ("taylor", "ior"):
+        for finetune in sorted({"erm", algorithm}):
+            model.load_state_dict(state)
+            settings = PruneSettings(
+                criterion=criterion,
+                keep_ratio=0.7,
+                interval=2,
+                steps=6,
+                batch_size=8,
+                eval_every=2,
+                finetune_algorithm=finetune,
+            )
+            outcome = prune_and_finetune(
+                model, split, settings, seed=0, device=CPU, example_input=torch.zeros(1, 1, 8, 8)
+            )
+            assert outcome.filters_kept == round(0.7 * 448)
+            assert all(torch.isfinite(torch.tensor(h["loss"])) for h in outcome.history)
+            outcome.gates.detach()
+            model = build_model("mnist_cnn", 10, 1)  # fresh hooks-free model for the next variant
+
+
+@pytest.mark.parametrize("algorithm", ["coral", "mixup"])
+def test_dg_finetuning_with_batchnorm_resnet(algorithm):
+    split = _split()
+    model = build_model("resnet18", 10, 1, small_input=True)
+    settings = PruneSettings(
+        criterion="ior",
+        keep_ratio=0.9,
+        interval=1,
+        max_per_step=300,
+        steps=3,
+        batch_size=4,
+        eval_every=1,
+        finetune_algorithm=algorithm,
+    )
+    outcome = prune_and_finetune(
+        model, split, settings, seed=0, device=CPU, example_input=torch.zeros(1, 1, 8, 8)
+    )
+    assert outcome.filters_kept == round(0.9 * 2880)

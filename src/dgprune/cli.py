@@ -15,11 +15,12 @@ from rich.table import Table as RichTable
 
 from dgprune.errors import DgpruneError
 from dgprune.experiments.config import RunConfig, build_config, dump_config
-from dgprune.experiments.demo import DEMO_CRITERIA, DEMO_KEEP_RATIOS, run_demo
+from dgprune.experiments.demo import DEMO_CRITERIA, DEMO_KEEP_RATIOS, TABLE2_ALGORITHMS, run_demo, run_table2
 from dgprune.experiments.pipeline import load_model_dir, make_context, run_pretrain, run_prune
 from dgprune.experiments.records import write_records
 from dgprune.pruning.surgery import STRUCTURE_FILE, export_onnx
 from dgprune.report.table1 import Table, table1
+from dgprune.report.table2 import table2 as table2_report
 from dgprune.training.evaluation import evaluate
 from dgprune.training.progress import LinePrinter
 
@@ -64,18 +65,41 @@ def _config(path: Path | None, **overrides: Any) -> RunConfig:
     return build_config(path, nested)
 
 
+TargetsOpt = Annotated[
+    str | None, typer.Option(help="Comma-separated target domains (default: every domain).")
+]
+PresetSeedOpt = Annotated[int, typer.Option(help="Training seed.")]
+PresetDeviceOpt = Annotated[str, typer.Option(help="cpu, cuda or auto.")]
+PretrainStepsOpt = Annotated[int | None, typer.Option(help="Override the preset's pretraining steps.")]
+PruneStepsOpt = Annotated[int | None, typer.Option(help="Override the preset's fine-tuning steps.")]
+
+
+def _preset_args(targets: str | None, pretrain_steps: int | None, prune_steps: int | None):
+    overrides: dict[str, Any] = {}
+    if pretrain_steps:
+        overrides["pretrain"] = {"steps": pretrain_steps, "eval_every": max(1, pretrain_steps // 4)}
+    if prune_steps:
+        overrides["prune"] = {"steps": prune_steps}
+    target_list = [t.strip() for t in targets.split(",")] if targets else None
+    return target_list, overrides
+
+
+def _write_table(out: Path, table: Table, title: str) -> None:
+    (out / "table.md").write_text(table.to_markdown() + "\n")
+    _print_table(table, title)
+    console.print(f"results: {out / 'results.json'}  table: {out / 'table.md'}")
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Directory for results.json, table.md and the models.")] = Path(
         "demo-out"
     ),
-    targets: Annotated[
-        str | None, typer.Option(help="Comma-separated target domains (default: every domain).")
-    ] = None,
-    seed: Annotated[int, typer.Option(help="Training seed.")] = 0,
-    device: Annotated[str, typer.Option(help="cpu, cuda or auto.")] = "auto",
-    pretrain_steps: Annotated[int | None, typer.Option(help="Override the demo's pretraining steps.")] = None,
-    prune_steps: Annotated[int | None, typer.Option(help="Override the demo's fine-tuning steps.")] = None,
+    targets: TargetsOpt = None,
+    seed: PresetSeedOpt = 0,
+    device: PresetDeviceOpt = "auto",
+    pretrain_steps: PretrainStepsOpt = None,
+    prune_steps: PruneStepsOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Run the default experiment (paper Table 1, in small) on the embedded rotated digits.
@@ -84,12 +108,7 @@ def demo(
     and 30% of its filters, compresses the selected models and prints the table. Re-running with
     the same --out resumes: finished models are not recomputed.
     """
-    overrides: dict[str, Any] = {}
-    if pretrain_steps:
-        overrides["pretrain"] = {"steps": pretrain_steps, "eval_every": max(1, pretrain_steps // 4)}
-    if prune_steps:
-        overrides["prune"] = {"steps": prune_steps}
-    target_list = [t.strip() for t in targets.split(",")] if targets else None
+    target_list, overrides = _preset_args(targets, pretrain_steps, prune_steps)
     records = run_demo(
         out,
         target_list,
@@ -100,11 +119,50 @@ def demo(
         overrides,
         progress_for=lambda label: _progress(quiet, label),
     )
-    table = table1(records)
-    (out / "table.md").write_text(table.to_markdown() + "\n")
     first = records[0]
-    _print_table(table, f"{first.model} on {first.dataset}: top-1 accuracy (%) by target domain, seed {seed}")
-    console.print(f"results: {out / 'results.json'}  table: {out / 'table.md'}")
+    _write_table(out, table1(records), f"{first.model} on {first.dataset}: top-1 accuracy (%), seed {seed}")
+
+
+@app.command()
+def table2(
+    out: Annotated[Path, typer.Option(help="Directory for results.json, table.md and the models.")] = Path(
+        "table2-out"
+    ),
+    targets: TargetsOpt = None,
+    algorithms: Annotated[str, typer.Option(help="Comma-separated pretraining algorithms.")] = ",".join(
+        TABLE2_ALGORITHMS
+    ),
+    keep_ratio: Annotated[float, typer.Option(help="Share of filters kept (paper: 0.5).")] = 0.5,
+    criterion: Annotated[str, typer.Option(help="Pruning criterion (paper: taylor).")] = "taylor",
+    seed: PresetSeedOpt = 0,
+    device: PresetDeviceOpt = "auto",
+    pretrain_steps: PretrainStepsOpt = None,
+    prune_steps: PruneStepsOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Reproduce the layout of the paper's Table 2 on the embedded rotated digits.
+
+    Pretrains with each algorithm (ERM, CORAL, Mixup), prunes to --keep-ratio with ERM fine-tuning
+    (as the paper) and with the algorithm's own objective (the paper's Q3 conjecture), and prints
+    dense / pruned / Δ rows per algorithm. Resumable like `demo`.
+    """
+    target_list, overrides = _preset_args(targets, pretrain_steps, prune_steps)
+    algorithm_list = tuple(a.strip() for a in algorithms.split(","))
+    records = run_table2(
+        out,
+        target_list,
+        algorithm_list,
+        keep_ratio,
+        criterion,
+        seed,
+        device,
+        overrides,
+        progress_for=lambda label: _progress(quiet, label),
+    )
+    first = records[0]
+    _write_table(
+        out, table2_report(records), f"{first.model} on {first.dataset}: top-1 accuracy (%), seed {seed}"
+    )
 
 
 @app.command()
@@ -115,17 +173,21 @@ def pretrain(
     seed: SeedOpt = None,
     device: DeviceOpt = None,
     model: Annotated[str | None, typer.Option(help="resnet18, resnet50 or mnist_cnn.")] = None,
+    algorithm: Annotated[
+        str | None, typer.Option(help="Pretraining algorithm: erm, coral, mixup, vrex, groupdro or irm.")
+    ] = None,
     weights: Annotated[Path | None, typer.Option(help="Initial weights file (e.g. ImageNet).")] = None,
     steps: Annotated[int | None, typer.Option(help="Pretraining steps.")] = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Pretrain on the source domains (ERM); keep the best intra-domain val checkpoint."""
+    """Pretrain on the source domains with a DG algorithm; keep the best intra-domain val checkpoint."""
     cfg = _config(
         config,
         target=target,
         seed=seed,
         device=device,
         model__name=model,
+        pretrain__algorithm=algorithm,
         model__weights=str(weights) if weights else None,
         pretrain__steps=steps,
     )
@@ -150,6 +212,10 @@ def prune(
     scope: Annotated[
         str | None, typer.Option(help="all (also residual-coupled channels) or internal.")
     ] = None,
+    finetune_algorithm: Annotated[
+        str | None,
+        typer.Option(help="Objective while pruning + fine-tuning (default erm, as the paper)."),
+    ] = None,
     steps: Annotated[int | None, typer.Option(help="Fine-tuning steps in all.")] = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -163,6 +229,7 @@ def prune(
         prune__keep_ratio=keep_ratio,
         prune__alpha=alpha,
         prune__scope=scope,
+        prune__finetune_algorithm=finetune_algorithm,
         prune__steps=steps,
     )
     record = run_prune(make_context(cfg), pretrained, out, _progress(quiet))

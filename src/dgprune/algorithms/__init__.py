@@ -1,15 +1,69 @@
-"""Pretraining algorithms (DESIGN.md §4); one small class each, registered by name."""
+"""Training algorithms (DESIGN.md §4): DomainBed's definitions, one small class each, registered by name.
 
-from dgprune.algorithms.base import Algorithm, Minibatches
+Each exposes ``objective`` (per-domain outputs -> loss, reusable during fine-tuning) and ``update`` (one
+pretraining step with its own Adam). See docs/algorithms.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from dgprune.algorithms.base import (
+    Algorithm,
+    AnnealedPenaltyAlgorithm,
+    DomainOutput,
+    ForwardFn,
+    Minibatches,
+    domain_risks,
+    split_by_domain,
+)
+from dgprune.algorithms.coral import CORAL
 from dgprune.algorithms.erm import ERM
+from dgprune.algorithms.groupdro import GroupDRO
+from dgprune.algorithms.hparams import HPARAM_DOCS, DataKind, default_hparams
+from dgprune.algorithms.irm import IRM
+from dgprune.algorithms.mixup import Mixup
+from dgprune.algorithms.vrex import VREx
+from dgprune.errors import ConfigError
 
-ALGORITHMS: dict[str, type[Algorithm]] = {"erm": ERM}
+ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (ERM, CORAL, Mixup, VREx, GroupDRO, IRM)}
 
 
-def make_algorithm(name: str, model, lr: float, weight_decay: float = 0.0) -> Algorithm:
+def make_algorithm(
+    name: str,
+    model: nn.Module,
+    num_domains: int,
+    hparams: Mapping[str, Any] | None = None,
+    *,
+    data_kind: DataKind = "image",
+) -> Algorithm:
+    """The algorithm ``name`` for ``model`` over ``num_domains`` source domains; ``hparams`` override
+    ``default_hparams(name, data_kind)`` (an unknown key is a ConfigError)."""
     if name not in ALGORITHMS:
-        raise ValueError(f"unknown algorithm {name!r}; valid: {', '.join(ALGORITHMS)}")
-    return ALGORITHMS[name](model, lr=lr, weight_decay=weight_decay)
+        raise ConfigError(f"unknown algorithm {name!r}; valid: {', '.join(ALGORITHMS)}")
+    return ALGORITHMS[name](model, num_domains, hparams, data_kind=data_kind)
 
 
-__all__ = ["ALGORITHMS", "ERM", "Algorithm", "Minibatches", "make_algorithm"]
+__all__ = [
+    "ALGORITHMS",
+    "CORAL",
+    "ERM",
+    "HPARAM_DOCS",
+    "IRM",
+    "Algorithm",
+    "AnnealedPenaltyAlgorithm",
+    "DataKind",
+    "DomainOutput",
+    "ForwardFn",
+    "GroupDRO",
+    "Minibatches",
+    "Mixup",
+    "VREx",
+    "default_hparams",
+    "domain_risks",
+    "make_algorithm",
+    "split_by_domain",
+]

@@ -5,17 +5,19 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dgprune.algorithms.base import Algorithm, Minibatches
+from dgprune.algorithms.base import Algorithm, DomainOutput, ForwardFn, Minibatches
 
 
 class ERM(Algorithm):
-    name = "erm"
+    """Empirical risk minimisation (Vapnik 1998), DomainBed's baseline."""
 
-    def update(self, minibatches: Minibatches) -> dict[str, float]:
-        x = torch.cat([x for x, _ in minibatches])
-        y = torch.cat([y for _, y in minibatches])
-        loss = F.cross_entropy(self.model(x), y)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        return {"loss": float(loss.detach())}
+    name = "erm"
+    objective_is_mean_risk = True  # exactly the mean of per-domain risks when the batch sizes are equal
+    forward_mode = "concat"
+
+    def objective(
+        self, outputs: list[DomainOutput], minibatches: Minibatches, forward: ForwardFn
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        # All samples together: with unequal batch sizes a larger domain weighs more, as in DomainBed.
+        loss = F.cross_entropy(torch.cat([o.logits for o in outputs]), torch.cat([o.y for o in outputs]))
+        return loss, {"loss": float(loss.detach())}

@@ -44,9 +44,15 @@ class RunConfig(_Strict):
 
     def run_id(self) -> str:
         """Stable id: hash of everything that changes results (not the device)."""
-        payload = self.model_dump(exclude={"device"})
-        digest = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-        return digest[:12]
+        return _digest(self.model_dump(exclude={"device"}))
+
+    def pretrain_id(self) -> str:
+        """Id of the pretrained model: what pruning settings do not change."""
+        return _digest(self.model_dump(exclude={"device", "prune"}))
+
+
+def _digest(payload: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _read_mapping(path: Path) -> dict[str, Any]:

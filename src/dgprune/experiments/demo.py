@@ -1,7 +1,9 @@
-"""The default experiment: the paper's Table 1 protocol, in small, on the embedded rotated digits.
+"""Presets on the embedded rotated digits, sized for a laptop (2 CPU cores):
 
-For every target domain: pretrain once (ERM), then prune with Taylor-FO and IoR to keep 50% and
-30% of the filters. Budgets are cut so that the whole grid runs in a few minutes on 2 CPU cores.
+- the **demo** — the paper's Table 1 protocol in small: for every target domain, pretrain once with
+  ERM, then prune with Taylor-FO and IoR to keep 50% and 30% of the filters;
+- **table2** — the paper's Table 2 protocol: pretrain with ERM, CORAL and Mixup, prune to keep 50%
+  (Taylor, as the paper) with ERM fine-tuning, and also with the pretraining algorithm's own objective.
 """
 
 from __future__ import annotations
@@ -11,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from dgprune.data import load_dataset
-from dgprune.experiments.config import build_config
-from dgprune.experiments.pipeline import make_context, run_pretrain, run_prune
-from dgprune.experiments.records import ResultRecord, write_records
+from dgprune.experiments.config import RunConfig, build_config
+from dgprune.experiments.grid import PruneVariant, run_grid
+from dgprune.experiments.records import ResultRecord
 from dgprune.training.progress import ProgressCallback
 
 # MNIST_CNN on 8x8 digits, 5 source domains x 32 images a step. Pretraining reaches its best
@@ -27,6 +29,13 @@ DEMO_SETTINGS: dict[str, Any] = {
 }
 DEMO_KEEP_RATIOS = (0.5, 0.3)
 DEMO_CRITERIA = ("taylor", "ior")
+TABLE2_ALGORITHMS = ("erm", "coral", "mixup")
+
+ProgressFactory = Callable[[str], ProgressCallback | None]
+
+
+def _base(seed: int, device: str, overrides: dict[str, Any] | None) -> RunConfig:
+    return build_config(base=DEMO_SETTINGS, overrides={**(overrides or {}), "seed": seed, "device": device})
 
 
 def run_demo(
@@ -37,33 +46,36 @@ def run_demo(
     seed: int = 0,
     device: str = "auto",
     overrides: dict[str, Any] | None = None,
-    progress_for: Callable[[str], ProgressCallback | None] = lambda label: None,
+    progress_for: ProgressFactory = lambda label: None,
 ) -> list[ResultRecord]:
     """Run (or resume) the demo grid; writes ``out_dir/results.json`` after every model."""
-    base = build_config(base=DEMO_SETTINGS, overrides={**(overrides or {}), "seed": seed, "device": device})
+    base = _base(seed, device, overrides)
     dataset = load_dataset(base.data.name, seed=base.data.data_seed)
-    for ratio in keep_ratios:
-        build_config(base=base.model_dump(), overrides={"prune": {"keep_ratio": ratio}})  # validate early
-    targets = targets or dataset.domain_names
-    for target in targets:
-        dataset.domain(target)  # unknown names fail before any work
-    records: list[ResultRecord] = []
-    for target in targets:
-        config = build_config(base=base.model_dump(), overrides={"target": target})
-        ctx = make_context(config, dataset)
-        pretrained_dir = out_dir / f"target-{target}" / "pretrained"
-        records.append(run_pretrain(ctx, pretrained_dir, progress_for(f"[{target}] ")))
-        write_records(out_dir / "results.json", records)
-        for ratio in keep_ratios:
-            for criterion in criteria:
-                run_config = build_config(
-                    base=config.model_dump(),
-                    overrides={"prune": {"criterion": criterion, "keep_ratio": ratio}},
-                )
-                run_dir = out_dir / f"target-{target}" / f"{criterion}-keep{ratio:g}"
-                label = f"[{target} {criterion} {ratio:g}] "
-                records.append(
-                    run_prune(make_context(run_config, dataset), pretrained_dir, run_dir, progress_for(label))
-                )
-                write_records(out_dir / "results.json", records)
-    return records
+    variants = [PruneVariant(c, r) for r in keep_ratios for c in criteria]
+    return run_grid(
+        out_dir, base, dataset, targets or dataset.domain_names, ["erm"], lambda _: variants, progress_for
+    )
+
+
+def run_table2(
+    out_dir: Path,
+    targets: list[str] | None = None,
+    algorithms: tuple[str, ...] = TABLE2_ALGORITHMS,
+    keep_ratio: float = 0.5,
+    criterion: str = "taylor",
+    seed: int = 0,
+    device: str = "auto",
+    overrides: dict[str, Any] | None = None,
+    progress_for: ProgressFactory = lambda label: None,
+) -> list[ResultRecord]:
+    """Pretrain with each algorithm; prune with ERM fine-tuning and with the algorithm's own objective."""
+    base = _base(seed, device, overrides)
+    dataset = load_dataset(base.data.name, seed=base.data.data_seed)
+
+    def variants_for(algorithm: str) -> list[PruneVariant]:
+        erm = PruneVariant(criterion, keep_ratio, "erm")
+        return [erm] if algorithm == "erm" else [erm, PruneVariant(criterion, keep_ratio, algorithm)]
+
+    return run_grid(
+        out_dir, base, dataset, targets or dataset.domain_names, algorithms, variants_for, progress_for
+    )

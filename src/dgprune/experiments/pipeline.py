@@ -67,9 +67,9 @@ class RunContext:
             "small_input": m.small_input,
         }
 
-    def new_model(self, with_weights: bool = True) -> nn.Module:
-        weights = self.config.model.weights if with_weights else None
-        return build_model(**self.build_spec(), weights=weights).to(self.device)
+    def new_model(self) -> nn.Module:
+        """The dense architecture, with the configured initial weights (e.g. ImageNet) if any."""
+        return build_model(**self.build_spec(), weights=self.config.model.weights).to(self.device)
 
     def load_model_dir(self, directory: Path) -> nn.Module:
         return load_model_dir(directory, torch.zeros(1, *self.dataset.input_shape)).to(self.device)
@@ -126,12 +126,13 @@ def _record(
         macs=cost.macs,
         params_dense=dense_cost.params,
         macs_dense=dense_cost.macs,
-        run_id=cfg.run_id(),
+        run_id=cfg.pretrain_id() if criterion == "none" else cfg.run_id(),
         selected_step=selected_step,
         model_dir=str(directory),
         wall_time_s=time.monotonic() - started,
         masked_vs_compressed_max_abs_diff=diff,
         variance_term_share=variance_share,
+        finetune_algorithm=None if criterion == "none" else cfg.prune.finetune_algorithm,
     )
 
 

@@ -48,6 +48,7 @@ class ResultRecord:
     wall_time_s: float
     masked_vs_compressed_max_abs_diff: float | None = None
     variance_term_share: float | None = None  # see PruneOutcome.variance_term_share
+    finetune_algorithm: str | None = None  # objective while pruning + fine-tuning (None: dense model)
     versions: dict[str, str] = field(default_factory=library_versions)
 
     def to_dict(self) -> dict[str, Any]:

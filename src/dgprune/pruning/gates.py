@@ -98,6 +98,21 @@ class GateSet:
         finally:
             self._domain = None
 
+    def domain_gate_tensors(self) -> list[torch.Tensor]:
+        """The leaf [N, C] gate copies of the current scoring step (for autograd.grad)."""
+        if self._domain_gates is None:
+            raise RuntimeError("no scoring step in progress")
+        return list(self._domain_gates)
+
+    @contextmanager
+    def masked(self) -> Iterator[None]:
+        """Inside a scoring step, forward passes use the plain 0/1 masks (no domain copy)."""
+        saved, self._domain = self._domain, None
+        try:
+            yield
+        finally:
+            self._domain = saved
+
     def domain_gradients(self) -> torch.Tensor:
         """[N, M]: gradient of the backpropagated loss w.r.t. every domain's gate copy."""
         if self._domain_gates is None:

@@ -17,6 +17,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from dgprune.models.features import find_classifier
 from dgprune.models.group_norm import CUSTOM_PRUNERS
 
 Scope = Literal["all", "internal"]
@@ -42,14 +43,6 @@ class ChannelGroup:
     convs: tuple[MemberChannels, ...]  # convs whose *output* filters belong to the group
     norms: tuple[MemberChannels, ...]  # normalisation layers of the group
     residual: bool  # True when several convs feed the same channels (coupled by additions)
-
-
-def find_classifier(model: nn.Module) -> nn.Module:
-    """The last Linear layer: its outputs are the classes and must never be pruned."""
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError("model has no nn.Linear classifier; dgprune needs one to protect its outputs")
-    return linears[-1]
 
 
 def build_dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:

@@ -11,12 +11,15 @@ concatenated batch instead, each sample gated by its own domain's copy: same res
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dgprune.algorithms.base import DomainOutput
+from dgprune.models.features import forward_with_features
 from dgprune.pruning.gates import GateSet
 
 
@@ -37,35 +40,65 @@ def mixes_samples(model: nn.Module) -> bool:
     )
 
 
-def per_domain_forward_backward(
-    model: nn.Module, gates: GateSet, batches: list[tuple[torch.Tensor, torch.Tensor]]
-) -> DomainStep:
-    """Forward every domain separately, backward ``mean_i R_i`` once, return risks and gate grads.
+Objective = Callable[
+    [list[DomainOutput], list[tuple[torch.Tensor, torch.Tensor]], Callable[[torch.Tensor], tuple]],
+    tuple[torch.Tensor, dict[str, float]],
+]
 
-    Parameter gradients are accumulated in ``.grad`` as by ``loss.backward()``: the caller steps
-    the optimizer.
+
+def per_domain_forward_backward(
+    model: nn.Module,
+    gates: GateSet,
+    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    objective: Objective | None = None,
+) -> DomainStep:
+    """Forward every domain through its gate copies, return risks and exact per-domain gate grads.
+
+    Without ``objective`` the training loss is ``mean_i R_i`` (ERM) and one backward yields both
+    the parameter gradients and the gate gradients. With another ``objective`` (a DG algorithm's,
+    e.g. CORAL), the gate gradients still come from the plain per-domain cross-entropies — IoR's
+    risks — via ``autograd.grad(sum_i R_i, gate copies)``, and the objective is backpropagated
+    separately: two backward passes. Parameter gradients are accumulated in ``.grad``; the caller
+    steps the optimizer.
     """
     num_domains = len(batches)
     gates.begin_scoring(num_domains)
+    outputs = _gated_forward(model, gates, batches)
+    risk_vector = torch.stack([F.cross_entropy(o.logits, o.y) for o in outputs])
+    if objective is None:
+        loss = risk_vector.mean()
+        loss.backward()
+        # d(mean R)/d(copy i) = (1/N) dR_i/dg: undo the 1/N to get each domain's own gradient.
+        domain_grads = gates.domain_gradients().detach() * num_domains
+    else:
+        # d(sum R)/d(copy i) = dR_i/dg, since domain i's risk only sees its own copy.
+        grads = torch.autograd.grad(risk_vector.sum(), gates.domain_gate_tensors(), retain_graph=True)
+        domain_grads = torch.cat(grads, dim=1).detach()
+        with gates.masked():  # extra forwards (Mixup's mixed images) see the masks, not a copy
+            loss, _ = objective(outputs, batches, lambda x: forward_with_features(model, x))
+        loss.backward()
+    gates.end_scoring()
+    correct = sum(int((o.logits.argmax(dim=1) == o.y).sum()) for o in outputs)
+    seen = sum(len(o.y) for o in outputs)
+    return DomainStep(float(loss.detach()), risk_vector.detach(), domain_grads, correct, seen)
+
+
+def _gated_forward(
+    model: nn.Module, gates: GateSet, batches: list[tuple[torch.Tensor, torch.Tensor]]
+) -> list[DomainOutput]:
     if mixes_samples(model):
         outputs = []
-        for index, (x, _) in enumerate(batches):
+        for index, (x, y) in enumerate(batches):
             with gates.domain(index):
-                outputs.append(model(x))
-    else:
-        sizes = [len(y) for _, y in batches]
-        sample_domain = torch.repeat_interleave(torch.arange(num_domains), torch.tensor(sizes))
-        with gates.domain(sample_domain.to(batches[0][0].device)):
-            outputs = list(model(torch.cat([x for x, _ in batches])).split(sizes))
-    risks = [F.cross_entropy(logits, y) for logits, (_, y) in zip(outputs, batches, strict=True)]
-    correct = sum(
-        int((logits.argmax(dim=1) == y).sum()) for logits, (_, y) in zip(outputs, batches, strict=True)
-    )
-    seen = sum(len(y) for _, y in batches)
-    risk_vector = torch.stack(risks)
-    loss = risk_vector.mean()
-    loss.backward()
-    # d(mean R)/d(copy i) = (1/N) dR_i/dg: undo the 1/N to get each domain's own gradient.
-    domain_grads = gates.domain_gradients().detach() * num_domains
-    gates.end_scoring()
-    return DomainStep(float(loss.detach()), risk_vector.detach(), domain_grads, correct, seen)
+                logits, features = forward_with_features(model, x)
+            outputs.append(DomainOutput(logits, features, y))
+        return outputs
+    # No sample coupling: one forward of the whole batch, each sample gated by its domain's copy.
+    sizes = [len(y) for _, y in batches]
+    sample_domain = torch.repeat_interleave(torch.arange(len(batches)), torch.tensor(sizes))
+    with gates.domain(sample_domain.to(batches[0][0].device)):
+        logits, features = forward_with_features(model, torch.cat([x for x, _ in batches]))
+    return [
+        DomainOutput(lg, ft, y)
+        for lg, ft, (_, y) in zip(logits.split(sizes), features.split(sizes), batches, strict=True)
+    ]

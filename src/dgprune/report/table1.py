@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from statistics import mean
 
 from dgprune.experiments.records import ResultRecord
+from dgprune.report.cells import natural_key, pct_cell
 
 CRITERION_LABELS = {"taylor": "Taylor (baseline)", "ior": "IoR", "none": "before pruning"}
 
@@ -29,8 +30,8 @@ def _row_key(record: ResultRecord) -> tuple[float, int, str]:
 
 
 def table1(records: list[ResultRecord]) -> Table:
-    """Mean over seeds when several are present (the demo runs one)."""
-    targets = sorted({r.target_domain for r in records}, key=_natural)
+    """Mean (± standard error) over seeds when several are present (the demo runs one)."""
+    targets = sorted({r.target_domain for r in records}, key=natural_key)
     cells: dict[tuple, dict[str, list[ResultRecord]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
         cells[_row_key(r)][r.target_domain].append(r)
@@ -44,7 +45,7 @@ def table1(records: list[ResultRecord]) -> Table:
         row = [label]
         for t in targets:
             rs = by_target.get(t, [])
-            row += [_pct([r.intra_acc for r in rs]), _pct([r.cross_acc for r in rs])]
+            row += [pct_cell([r.intra_acc for r in rs]), pct_cell([r.cross_acc for r in rs])]
         all_rs = [r for rs in by_target.values() for r in rs]
         row.append(f"{mean(r.filters_kept / r.filters_total for r in all_rs):.0%}")
         row.append(f"{mean(r.params / r.params_dense for r in all_rs):.0%}")
@@ -58,11 +59,3 @@ def _label(record: ResultRecord) -> str:
         return "dense (before pruning)"
     name = CRITERION_LABELS.get(record.criterion, record.criterion)
     return f"{record.keep_ratio:.0%} {name}"
-
-
-def _pct(values: list[float]) -> str:
-    return f"{100 * mean(values):.2f}" if values else "-"
-
-
-def _natural(name: str) -> tuple:
-    return (0, float(name), name) if name.replace(".", "", 1).isdigit() else (1, 0.0, name)

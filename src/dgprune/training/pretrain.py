@@ -34,7 +34,8 @@ def pretrain(
 ) -> PretrainOutcome:
     """Train ``model`` in place; returns the state of the best checkpoint (also loaded into ``model``)."""
     torch.manual_seed(seed)
-    algorithm = make_algorithm(settings.algorithm, model, settings.lr, settings.weight_decay)
+    hparams = {**settings.hparams, "lr": settings.lr, "weight_decay": settings.weight_decay}
+    algorithm = make_algorithm(settings.algorithm, model, len(split.train), hparams)
     batches = DomainBatches(split.train, settings.batch_size, seed=seed)
     best_val, best_step, best_state = -1.0, 0, copy.deepcopy(model.state_dict())
     history: list[dict[str, float]] = []

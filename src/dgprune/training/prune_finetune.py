@@ -16,12 +16,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from dgprune.algorithms import default_hparams, make_algorithm
 from dgprune.data import DomainBatches, LodoSplit
 from dgprune.pruning.criteria import ScoreInputs, ior_scores, make_criterion, taylor_scores
 from dgprune.pruning.gates import GateSet
 from dgprune.pruning.groups import find_channel_groups
 from dgprune.pruning.schedule import PruningSchedule
-from dgprune.pruning.scoring import per_domain_forward_backward
+from dgprune.pruning.scoring import Objective, per_domain_forward_backward
 from dgprune.pruning.weight_stats import weight_statistics
 from dgprune.training.evaluation import intra_accuracy
 from dgprune.training.progress import ProgressCallback, ProgressEvent
@@ -71,6 +72,7 @@ def prune_and_finetune(
         model.parameters(), lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
     )
     batches = DomainBatches(split.train, settings.batch_size, seed=seed)
+    objective = finetune_objective(model, len(split.train), settings)
     total_steps = max(settings.steps, schedule.steps_to_target() + 1)
     best_val, best_step, best_state = -1.0, 0, None
     history: list[dict[str, float]] = []
@@ -80,7 +82,7 @@ def prune_and_finetune(
     for step in range(1, total_steps + 1):
         minibatches = [(x.to(device), y.to(device)) for x, y in batches.next()]
         optimizer.zero_grad(set_to_none=True)
-        out = per_domain_forward_backward(model, gates, minibatches)
+        out = per_domain_forward_backward(model, gates, minibatches, objective)
         if not schedule.done:
             inputs = _score_inputs(model, gates, out, criterion.needs_weights)
             schedule.observe(criterion.score(inputs))
@@ -122,6 +124,22 @@ def prune_and_finetune(
 def _variance_share(inputs: ScoreInputs, alpha: float) -> float:
     ior = ior_scores(inputs, alpha).sum()
     return float((ior - taylor_scores(inputs).sum()) / ior) if ior > 0 else 0.0
+
+
+def finetune_objective(model: nn.Module, num_domains: int, settings: PruneSettings) -> Objective | None:
+    """The DG algorithm's objective for fine-tuning, or None for ERM (the exact one-backward path).
+
+    Penalty annealing (VREx, IRM) is switched off unless asked for: the model is already trained,
+    so the penalty applies at full weight from the first fine-tuning step.
+    """
+    if settings.finetune_algorithm == "erm":
+        return None
+    defaults = default_hparams(settings.finetune_algorithm, "mnist")
+    no_annealing = {key: 0 for key in defaults if key.endswith("anneal_iters")}
+    algorithm = make_algorithm(
+        settings.finetune_algorithm, model, num_domains, {**no_annealing, **settings.finetune_hparams}
+    )
+    return algorithm.objective
 
 
 def _score_inputs(model: nn.Module, gates: GateSet, out, needs_weights: bool) -> ScoreInputs:

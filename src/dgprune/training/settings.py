@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from dgprune.algorithms import ALGORITHMS
 from dgprune.pruning.criteria import CRITERIA
 
 
@@ -13,21 +14,41 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not silently ignored
 
 
-class PretrainSettings(_Strict):
-    """ERM pretraining (DomainBed's defaults for MNIST-type data: Adam, lr 1e-3, 64 per domain)."""
+def _known_algorithm(value: str) -> str:
+    if value not in ALGORITHMS:
+        raise ValueError(f"must be one of {', '.join(ALGORITHMS)}, got {value!r}")
+    return value
 
-    algorithm: Literal["erm"] = "erm"
+
+class PretrainSettings(_Strict):
+    """Pretraining with a DG algorithm; DomainBed's MNIST-type defaults (Adam, lr 1e-3, 64 per domain)."""
+
+    algorithm: str = Field("erm", description=f"one of {', '.join(ALGORITHMS)}")
+    hparams: dict[str, float | int | None] = Field(
+        default_factory=dict, description="the algorithm's own hyper-parameters (see docs/algorithms.md)"
+    )
     steps: int = Field(5000, ge=1, description="training steps (one mini-batch per source domain each)")
     batch_size: int = Field(64, ge=1, description="mini-batch size per source domain")
     lr: float = Field(1e-3, gt=0, description="Adam learning rate")
     weight_decay: float = Field(0.0, ge=0)
     eval_every: int = Field(100, ge=1, description="steps between intra-domain validations (checkpoints)")
 
+    @field_validator("algorithm")
+    @classmethod
+    def _check_algorithm(cls, value: str) -> str:
+        return _known_algorithm(value)
+
 
 class PruneSettings(_Strict):
     """Iterative pruning with fine-tuning (paper A.3: SGD lr 1e-3, momentum 0.9, batch 64)."""
 
     criterion: str = Field("ior", description=f"one of {', '.join(CRITERIA)}")
+    finetune_algorithm: str = Field(
+        "erm", description="objective while pruning + fine-tuning (paper: erm); IoR's risks stay plain CE"
+    )
+    finetune_hparams: dict[str, float | int | None] = Field(
+        default_factory=dict, description="hyper-parameters of the fine-tuning objective"
+    )
     alpha: float = Field(1.0, ge=0, description="weight of IoR's variance term (paper: 1)")
     keep_ratio: float = Field(0.5, gt=0, le=1, description="share of prunable filters that remain")
     scope: Literal["all", "internal"] = Field("all", description="all: also residual-coupled channels")
@@ -51,3 +72,8 @@ class PruneSettings(_Strict):
         if value not in CRITERIA:
             raise ValueError(f"must be one of {', '.join(CRITERIA)}, got {value!r}")
         return value
+
+    @field_validator("finetune_algorithm")
+    @classmethod
+    def _check_finetune_algorithm(cls, value: str) -> str:
+        return _known_algorithm(value)
