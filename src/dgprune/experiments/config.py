@@ -25,6 +25,9 @@ class DataSettings(_Strict):
         0.1, gt=0, lt=1, description="share of each source domain held out (paper 0.1)"
     )
     data_seed: int = Field(0, description="seed that fixes domain assignment, independent of the run seed")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="dataset options, e.g. root, image_size (see docs/datasets.md)"
+    )
 
 
 class ModelSettings(_Strict):

@@ -12,9 +12,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dgprune.data import load_dataset
 from dgprune.experiments.config import RunConfig, build_config
 from dgprune.experiments.grid import PruneVariant, run_grid
+from dgprune.experiments.pipeline import load_experiment_dataset
 from dgprune.experiments.records import ResultRecord
 from dgprune.training.progress import ProgressCallback
 
@@ -50,7 +50,7 @@ def run_demo(
 ) -> list[ResultRecord]:
     """Run (or resume) the demo grid; writes ``out_dir/results.json`` after every model."""
     base = _base(seed, device, overrides)
-    dataset = load_dataset(base.data.name, seed=base.data.data_seed)
+    dataset = load_experiment_dataset(base)
     variants = [PruneVariant(c, r) for r in keep_ratios for c in criteria]
     return run_grid(
         out_dir, base, dataset, targets or dataset.domain_names, ["erm"], lambda _: variants, progress_for
@@ -70,7 +70,7 @@ def run_table2(
 ) -> list[ResultRecord]:
     """Pretrain with each algorithm; prune with ERM fine-tuning and with the algorithm's own objective."""
     base = _base(seed, device, overrides)
-    dataset = load_dataset(base.data.name, seed=base.data.data_seed)
+    dataset = load_experiment_dataset(base)
 
     def variants_for(algorithm: str) -> list[PruneVariant]:
         erm = PruneVariant(criterion, keep_ratio, "erm")

@@ -83,10 +83,14 @@ def load_model_dir(directory: Path, example_input: torch.Tensor | None = None) -
     return model
 
 
+def load_experiment_dataset(config: RunConfig) -> MultiDomainDataset:
+    return load_dataset(config.data.name, seed=config.data.data_seed, **config.data.options)
+
+
 def make_context(config: RunConfig, dataset: MultiDomainDataset | None = None) -> RunContext:
     if config.target is None:
         raise ConfigError("no target domain given (set `target` in the config or pass --target)")
-    dataset = dataset or load_dataset(config.data.name, seed=config.data.data_seed)
+    dataset = dataset or load_experiment_dataset(config)
     split = make_lodo_split(dataset, config.target, config.data.val_fraction, config.seed)
     return RunContext(config, dataset, split, resolve_device(config.device))
 
