@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dgprune.data import load_dataset, make_lodo_split
+from dgprune.data import DomainBatches, load_dataset, make_lodo_split
 from dgprune.models import build_model
 from dgprune.pruning import GateSet, find_channel_groups
 from dgprune.pruning.weight_stats import weight_statistics
@@ -125,3 +125,79 @@ def test_dg_finetuning_with_batchnorm_resnet(algorithm):
         model, split, settings, seed=0, device=CPU, example_input=torch.zeros(1, 1, 8, 8)
     )
     assert outcome.filters_kept == round(0.9 * 2880)
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _interrupt_after(monkeypatch, calls: int = 10**9) -> dict[str, int]:
+    """Count mini-batch draws; simulate a kill when the (calls+1)-th draw is asked for."""
+    original = DomainBatches.next
+    count = {"n": 0}
+
+    def next_batches(self):
+        count["n"] += 1
+        if count["n"] > calls:
+            raise _Interrupted
+        return original(self)
+
+    monkeypatch.setattr(DomainBatches, "next", next_batches)
+    return count
+
+
+def _fresh_model():
+    torch.manual_seed(123)
+    return build_model("mnist_cnn", 10, 1)
+
+
+def _assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("algorithm", ["mixup", "groupdro"])
+def test_interrupted_pretraining_resumes_to_the_same_result(tmp_path, monkeypatch, algorithm):
+    split = _split()
+    settings = PretrainSettings(algorithm=algorithm, steps=12, batch_size=8, eval_every=4)
+    reference = pretrain(model_ref := _fresh_model(), split, settings, 0, CPU)
+    with monkeypatch.context() as patch:
+        _interrupt_after(patch, 7)
+        with pytest.raises(_Interrupted):
+            pretrain(_fresh_model(), split, settings, 0, CPU, checkpoint_dir=tmp_path, checkpoint_every=3)
+    assert (tmp_path / "checkpoint.pt").is_file()
+    resumed = pretrain(
+        model := _fresh_model(), split, settings, 0, CPU, checkpoint_dir=tmp_path, checkpoint_every=3
+    )
+    assert resumed.history == reference.history and resumed.best_step == reference.best_step
+    _assert_same_state(model.state_dict(), model_ref.state_dict())
+
+
+@pytest.mark.parametrize(("criterion", "finetune"), [("random", "erm"), ("ior", "groupdro")])
+def test_interrupted_pruning_resumes_to_the_same_result(tmp_path, monkeypatch, criterion, finetune):
+    split = _split()
+    settings = PruneSettings(
+        criterion=criterion,
+        keep_ratio=0.5,
+        interval=3,
+        max_per_step=50,
+        steps=20,
+        batch_size=8,
+        eval_every=2,
+        finetune_algorithm=finetune,
+    )
+    x = torch.zeros(1, 1, 8, 8)
+    reference = prune_and_finetune(model_ref := _fresh_model(), split, settings, 0, CPU, x)
+    with monkeypatch.context() as patch:
+        _interrupt_after(patch, 11)
+        with pytest.raises(_Interrupted):
+            prune_and_finetune(
+                _fresh_model(), split, settings, 0, CPU, x, checkpoint_dir=tmp_path, checkpoint_every=4
+            )
+    resumed = prune_and_finetune(
+        model := _fresh_model(), split, settings, 0, CPU, x, checkpoint_dir=tmp_path, checkpoint_every=4
+    )
+    assert resumed.history == reference.history and resumed.best_step == reference.best_step
+    assert torch.equal(resumed.gates.flat_alive(), reference.gates.flat_alive())
+    _assert_same_state(model.state_dict(), model_ref.state_dict())

@@ -27,6 +27,7 @@ from dgprune.pruning.surgery import (
     model_cost,
     save_compressed,
 )
+from dgprune.training.checkpoint import Checkpointer
 from dgprune.training.evaluation import evaluate
 from dgprune.training.pretrain import pretrain
 from dgprune.training.progress import ProgressCallback
@@ -147,12 +148,14 @@ def run_pretrain(ctx: RunContext, out_dir: Path, progress: ProgressCallback | No
         return ResultRecord(**json.loads(metrics_path.read_text()))
     started = time.monotonic()
     model = ctx.new_model()
-    outcome = pretrain(model, ctx.split, ctx.config.pretrain, ctx.config.seed, ctx.device, progress)
+    outcome = pretrain(
+        model, ctx.split, ctx.config.pretrain, ctx.config.seed, ctx.device, progress, checkpoint_dir=out_dir
+    )
     save_compressed(out_dir, model, {}, ctx.build_spec(), ctx.dataset.input_shape)
     total = sum(g.size for g in find_channel_groups(model, ctx.example_input, ctx.config.prune.scope))
     cost = model_cost(model, ctx.example_input)
     record = _record(ctx, model, out_dir, "none", 1.0, (total, total), cost, outcome.best_step, started)
-    metrics_path.write_text(json.dumps(record.to_dict(), indent=1))
+    _finish(out_dir, record)
     return record
 
 
@@ -168,7 +171,14 @@ def run_prune(
     dense_cost = model_cost(model, ctx.example_input)
     settings = ctx.config.prune
     outcome = prune_and_finetune(
-        model, ctx.split, settings, ctx.config.seed, ctx.device, ctx.example_input, progress
+        model,
+        ctx.split,
+        settings,
+        ctx.config.seed,
+        ctx.device,
+        ctx.example_input,
+        progress,
+        checkpoint_dir=out_dir,
     )
     probe = torch.cat([d.images[:64] for d in ctx.split.val]).to(ctx.device)
     model.eval()
@@ -193,8 +203,14 @@ def run_prune(
         diff,
         outcome.variance_term_share,
     )
-    metrics_path.write_text(json.dumps(record.to_dict(), indent=1))
+    _finish(out_dir, record)
     return record
+
+
+def _finish(out_dir: Path, record: ResultRecord) -> None:
+    """Mark the stage done (metrics.json) and drop its mid-stage checkpoint."""
+    (out_dir / METRICS_FILE).write_text(json.dumps(record.to_dict(), indent=1))
+    Checkpointer(out_dir).clear()
 
 
 def _read_structure(directory: Path) -> dict:

@@ -66,11 +66,10 @@ class Criterion:
     score: Callable[[ScoreInputs], torch.Tensor]
     needs_gradients: bool = False
     needs_weights: bool = False
+    generator: torch.Generator | None = None  # random draws (checkpointed so that resume is exact)
 
 
-def _random_criterion(seed: int) -> Callable[[ScoreInputs], torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-
+def _random_scores(generator: torch.Generator) -> Callable[[ScoreInputs], torch.Tensor]:
     def score(inputs: ScoreInputs) -> torch.Tensor:
         return torch.rand(inputs.gates.shape, generator=generator).to(inputs.gates.device)
 
@@ -87,7 +86,8 @@ def make_criterion(name: str, alpha: float = 1.0, seed: int = 0) -> Criterion:
     if name == "ior":
         return Criterion("ior", lambda inputs: ior_scores(inputs, alpha), needs_gradients=True)
     if name == "random":
-        return Criterion("random", _random_criterion(seed))
+        generator = torch.Generator().manual_seed(seed)
+        return Criterion("random", _random_scores(generator), generator=generator)
     if name == "l1":
         return Criterion("l1", l1_scores, needs_weights=True)
     if name == "bn_scale":

@@ -5,12 +5,14 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from dgprune.algorithms import make_algorithm
 from dgprune.data import DomainBatches, LodoSplit
+from dgprune.training.checkpoint import Checkpointer, rng_state, set_rng_state
 from dgprune.training.evaluation import intra_accuracy
 from dgprune.training.progress import ProgressCallback, ProgressEvent
 from dgprune.training.settings import PretrainSettings
@@ -31,17 +33,33 @@ def pretrain(
     seed: int,
     device: torch.device,
     progress: ProgressCallback | None = None,
+    checkpoint_dir: Path | None = None,
+    checkpoint_every: int = 50,
 ) -> PretrainOutcome:
-    """Train ``model`` in place; returns the state of the best checkpoint (also loaded into ``model``)."""
+    """Train ``model`` in place; returns the state of the best checkpoint (also loaded into ``model``).
+
+    With ``checkpoint_dir``, the whole training state (model, algorithm and its optimiser, batch
+    streams, RNG, best checkpoint so far) is saved every ``checkpoint_every`` steps, and a later call
+    with the same arguments continues from it: the result equals that of an uninterrupted run.
+    """
     torch.manual_seed(seed)
     hparams = {**settings.hparams, "lr": settings.lr, "weight_decay": settings.weight_decay}
     algorithm = make_algorithm(settings.algorithm, model, len(split.train), hparams)
     batches = DomainBatches(split.train, settings.batch_size, seed=seed)
     best_val, best_step, best_state = -1.0, 0, copy.deepcopy(model.state_dict())
     history: list[dict[str, float]] = []
+    checkpointer = Checkpointer(checkpoint_dir, checkpoint_every)
+    start = 1
+    if (saved := checkpointer.load()) is not None:
+        model.load_state_dict(saved["model"])
+        algorithm.load_state_dict(saved["algorithm"])
+        batches.load_state_dict(saved["batches"])
+        set_rng_state(saved["rng"])
+        best_val, best_step, best_state = saved["best_val"], saved["best_step"], saved["best_state"]
+        history, start = saved["history"], saved["step"] + 1
     model.train()
     started = time.monotonic()
-    for step in range(1, settings.steps + 1):
+    for step in range(start, settings.steps + 1):
         minibatches = [(x.to(device), y.to(device)) for x, y in batches.next()]
         losses = algorithm.update(minibatches)
         if step % settings.eval_every == 0 or step == settings.steps:
@@ -61,5 +79,19 @@ def pretrain(
                         elapsed_s=time.monotonic() - started,
                     )
                 )
+        if checkpointer.due(step):
+            checkpointer.save(
+                {
+                    "step": step,
+                    "model": model.state_dict(),
+                    "algorithm": algorithm.state_dict(),
+                    "batches": batches.state_dict(),
+                    "rng": rng_state(),
+                    "best_val": best_val,
+                    "best_step": best_step,
+                    "best_state": best_state,
+                    "history": history,
+                }
+            )
     model.load_state_dict(best_state)
     return PretrainOutcome(best_state, best_val, best_step, history)

@@ -12,18 +12,20 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from dgprune.algorithms import default_hparams, make_algorithm
+from dgprune.algorithms import Algorithm, default_hparams, make_algorithm
 from dgprune.data import DomainBatches, LodoSplit
 from dgprune.pruning.criteria import ScoreInputs, ior_scores, make_criterion, taylor_scores
 from dgprune.pruning.gates import GateSet
 from dgprune.pruning.groups import find_channel_groups
 from dgprune.pruning.schedule import PruningSchedule
-from dgprune.pruning.scoring import Objective, per_domain_forward_backward
+from dgprune.pruning.scoring import per_domain_forward_backward
 from dgprune.pruning.weight_stats import weight_statistics
+from dgprune.training.checkpoint import Checkpointer, rng_state, set_rng_state
 from dgprune.training.evaluation import intra_accuracy
 from dgprune.training.progress import ProgressCallback, ProgressEvent
 from dgprune.training.settings import PruneSettings
@@ -59,8 +61,15 @@ def prune_and_finetune(
     example_input: torch.Tensor,
     progress: ProgressCallback | None = None,
     log_every: int = 25,
+    checkpoint_dir: Path | None = None,
+    checkpoint_every: int = 50,
 ) -> PruneOutcome:
-    """Prune ``model`` (masks, in place) to ``settings.keep_ratio`` of its filters while fine-tuning."""
+    """Prune ``model`` (masks, in place) to ``settings.keep_ratio`` of its filters while fine-tuning.
+
+    With ``checkpoint_dir``, the whole state (weights, masks, schedule, optimiser, batch streams,
+    RNGs, best checkpoint so far) is saved every ``checkpoint_every`` steps and a later call with
+    the same arguments resumes from it, giving the same result as an uninterrupted run.
+    """
     torch.manual_seed(seed)
     groups = find_channel_groups(model, example_input.to(device), scope=settings.scope)
     gates = GateSet(model, groups).attach()
@@ -72,14 +81,31 @@ def prune_and_finetune(
         model.parameters(), lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
     )
     batches = DomainBatches(split.train, settings.batch_size, seed=seed)
-    objective = finetune_objective(model, len(split.train), settings)
+    algorithm = finetune_algorithm(model, len(split.train), settings)
+    objective = algorithm.objective if algorithm is not None else None
     total_steps = max(settings.steps, schedule.steps_to_target() + 1)
     best_val, best_step, best_state = -1.0, 0, None
     history: list[dict[str, float]] = []
     shares: list[float] = []
+    checkpointer = Checkpointer(checkpoint_dir, checkpoint_every)
+    start = 1
+    if (saved := checkpointer.load()) is not None:
+        gates.set_alive(saved["alive"].to(gates.alive[0].device))
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        schedule.load_state_dict(saved["schedule"])
+        batches.load_state_dict(saved["batches"])
+        set_rng_state(saved["rng"])
+        if algorithm is not None:
+            algorithm.load_state_dict(saved["algorithm"])
+        if criterion.generator is not None:
+            criterion.generator.set_state(saved["criterion_rng"])
+        best_val, best_step, best_state = saved["best_val"], saved["best_step"], saved["best_state"]
+        history, shares, start = saved["history"], saved["shares"], saved["step"] + 1
+        total_steps = saved["total_steps"]
     model.train()
     started = time.monotonic()
-    for step in range(1, total_steps + 1):
+    for step in range(start, total_steps + 1):
         minibatches = [(x.to(device), y.to(device)) for x, y in batches.next()]
         optimizer.zero_grad(set_to_none=True)
         out = per_domain_forward_backward(model, gates, minibatches, objective)
@@ -115,6 +141,28 @@ def prune_and_finetune(
                     time.monotonic() - started,
                 )
             )
+        if checkpointer.due(step):
+            checkpointer.save(
+                {
+                    "step": step,
+                    "total_steps": total_steps,
+                    "alive": gates.flat_alive().cpu(),
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict(),
+                    "batches": batches.state_dict(),
+                    "rng": rng_state(),
+                    "algorithm": algorithm.state_dict() if algorithm is not None else None,
+                    "criterion_rng": criterion.generator.get_state()
+                    if criterion.generator is not None
+                    else None,
+                    "best_val": best_val,
+                    "best_step": best_step,
+                    "best_state": best_state,
+                    "history": history,
+                    "shares": shares,
+                }
+            )
     assert best_state is not None  # total_steps guarantees at least one evaluation at the target
     model.load_state_dict(best_state)
     share = sum(shares) / len(shares) if shares else 0.0
@@ -126,8 +174,8 @@ def _variance_share(inputs: ScoreInputs, alpha: float) -> float:
     return float((ior - taylor_scores(inputs).sum()) / ior) if ior > 0 else 0.0
 
 
-def finetune_objective(model: nn.Module, num_domains: int, settings: PruneSettings) -> Objective | None:
-    """The DG algorithm's objective for fine-tuning, or None for ERM (the exact one-backward path).
+def finetune_algorithm(model: nn.Module, num_domains: int, settings: PruneSettings) -> Algorithm | None:
+    """The DG algorithm whose objective drives fine-tuning, or None for ERM (the exact one-backward path).
 
     Penalty annealing (VREx, IRM) is switched off unless asked for: the model is already trained,
     so the penalty applies at full weight from the first fine-tuning step.
@@ -136,10 +184,9 @@ def finetune_objective(model: nn.Module, num_domains: int, settings: PruneSettin
         return None
     defaults = default_hparams(settings.finetune_algorithm, "mnist")
     no_annealing = {key: 0 for key in defaults if key.endswith("anneal_iters")}
-    algorithm = make_algorithm(
+    return make_algorithm(
         settings.finetune_algorithm, model, num_domains, {**no_annealing, **settings.finetune_hparams}
     )
-    return algorithm.objective
 
 
 def _score_inputs(model: nn.Module, gates: GateSet, out, needs_weights: bool) -> ScoreInputs:
