@@ -243,3 +243,32 @@ def test_table2_layout_and_deltas(tmp_path):
     by = {(r["algorithm"], r["finetune_algorithm"]): r for r in records}
     coral_delta = 100 * (by[("coral", "coral")]["cross_acc"] - by[("coral", None)]["cross_acc"])
     assert float(rows[7][3]) == pytest.approx(coral_delta, abs=0.006)
+
+
+def test_a_run_does_not_depend_on_what_ran_before_it(demo_out, tmp_path):
+    """Target 45 alone gives the numbers it gave after target 0 in the demo (model init is seeded)."""
+    alone = dgprune(
+        "demo",
+        "--out",
+        str(tmp_path),
+        "--targets",
+        "45",
+        "--pretrain-steps",
+        "12",
+        "--prune-steps",
+        "45",
+        "--device",
+        "cpu",
+        "--quiet",
+    )
+    assert alone.returncode == 0, alone.stderr
+    by_variant = {
+        (r["criterion"], r["keep_ratio"]): r for r in json.loads((tmp_path / "results.json").read_text())
+    }
+    after_other = [
+        r for r in json.loads((demo_out / "results.json").read_text()) if r["target_domain"] == "45"
+    ]
+    assert len(after_other) == len(by_variant) == 5
+    for r in after_other:
+        other = by_variant[(r["criterion"], r["keep_ratio"])]
+        assert (other["intra_acc"], other["cross_acc"]) == (r["intra_acc"], r["cross_acc"])

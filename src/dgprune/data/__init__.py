@@ -5,15 +5,24 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 
-from dgprune.data.batches import DomainBatches, iterate_batches
+from dgprune.data.batches import DomainBatches, iterate_batches, probe_batch
 from dgprune.data.digits import load_rotated_digits
-from dgprune.data.domains import Domain, MultiDomainDataset
+from dgprune.data.domains import Domain, ImageStore, MultiDomainDataset
+from dgprune.data.image_folder import NAMED_DATASETS, SkippedImagesWarning, load_image_folder, named_loader
+from dgprune.data.mnist import load_colored_mnist, load_rotated_mnist, read_idx, write_idx
 from dgprune.data.splits import LodoSplit, make_lodo_split, split_domain
 from dgprune.errors import ConfigError, DataError
 
 DatasetLoader = Callable[..., MultiDomainDataset]
 
-_DATASETS: dict[str, DatasetLoader] = {"rotated_digits": load_rotated_digits}
+FOLDER_PREFIX = "folder:"
+
+_DATASETS: dict[str, DatasetLoader] = {
+    "rotated_digits": load_rotated_digits,
+    "rotated_mnist": load_rotated_mnist,
+    "colored_mnist": load_colored_mnist,
+    **{key: named_loader(key) for key in NAMED_DATASETS},
+}
 
 
 def register_dataset(name: str, loader: DatasetLoader) -> None:
@@ -22,12 +31,23 @@ def register_dataset(name: str, loader: DatasetLoader) -> None:
 
 
 def dataset_names() -> list[str]:
-    return sorted(_DATASETS)
+    return [*sorted(_DATASETS), f"{FOLDER_PREFIX}/path"]
 
 
 def load_dataset(name: str, **options: object) -> MultiDomainDataset:
-    """Load a registered dataset by name; options are the loader's keyword arguments."""
-    loader = _DATASETS.get(name)
+    """Load a registered dataset by name; options are the loader's keyword arguments.
+
+    `folder:/path` loads any folder of shape /path/<domain>/<class>/<image> (`load_image_folder`).
+    """
+    if name.startswith(FOLDER_PREFIX):
+        loader: DatasetLoader | None = load_image_folder
+        options = {"path": name[len(FOLDER_PREFIX) :], **options}
+        if not options["path"]:
+            raise ConfigError(
+                f"dataset {name!r}: give the folder after {FOLDER_PREFIX!r}, e.g. folder:/data/PACS"
+            )
+    else:
+        loader = _DATASETS.get(name)
     if loader is None:
         raise DataError(f"unknown dataset {name!r}; available: {', '.join(dataset_names())}")
     try:
@@ -42,13 +62,21 @@ __all__ = [
     "DatasetLoader",
     "Domain",
     "DomainBatches",
+    "ImageStore",
     "LodoSplit",
     "MultiDomainDataset",
+    "SkippedImagesWarning",
     "dataset_names",
     "iterate_batches",
+    "load_colored_mnist",
     "load_dataset",
+    "load_image_folder",
     "load_rotated_digits",
+    "load_rotated_mnist",
     "make_lodo_split",
+    "probe_batch",
+    "read_idx",
     "register_dataset",
     "split_domain",
+    "write_idx",
 ]

@@ -13,6 +13,13 @@ from dgprune.errors import ConfigError, DataError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
+# Batches decoded ahead per streaming domain: enough to hide decoding behind a training step.
+PREFETCH_BATCHES = 2
+
+
+def _seeded(salt: str, seed: int, name: str) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(f"{salt}:{seed}:{name}".encode()))
+
 
 class _DomainStream:
     """Epochs of one domain: a fresh permutation each epoch, consumed in batches without replacement."""
@@ -22,9 +29,25 @@ class _DomainStream:
         self.batch_size = min(batch_size, len(domain))
         # Seeded per (seed, domain name): adding or reordering domains does not change this stream. The
         # "batches:" salt keeps it unrelated to the train/val split permutation of the same (seed, name).
-        self.generator = torch.Generator().manual_seed(zlib.crc32(f"batches:{seed}:{domain.name}".encode()))
+        self.generator = _seeded("batches", seed, domain.name)
+        # Augmentation draws its own stream, so the sample order does not depend on the transforms.
+        self.augment_generator = _seeded("augment", seed, domain.name)
         self.perm = torch.randperm(len(domain), generator=self.generator)
         self.pos = 0
+
+    def _upcoming(self, count: int) -> list[torch.Tensor]:
+        """Indices of the next `count` batches after the current one, without consuming anything."""
+        perm, pos, generator = self.perm, self.pos, None
+        out = []
+        for _ in range(count):
+            if pos + self.batch_size > len(perm):
+                if generator is None:  # a copy: peeking must not advance the real stream
+                    generator = torch.Generator()
+                    generator.set_state(self.generator.get_state())
+                perm, pos = torch.randperm(len(self.domain), generator=generator), 0
+            out.append(perm[pos : pos + self.batch_size])
+            pos += self.batch_size
+        return out
 
     def next(self) -> Batch:
         if self.pos + self.batch_size > len(self.perm):
@@ -34,14 +57,18 @@ class _DomainStream:
             self.pos = 0
         idx = self.perm[self.pos : self.pos + self.batch_size]
         self.pos += self.batch_size
-        return self.domain.images[idx], self.domain.labels[idx]
+        if self.domain.streaming:
+            for upcoming in self._upcoming(PREFETCH_BATCHES):
+                self.domain.prefetch(upcoming)
+        return self.domain.train_batch(idx, self.augment_generator), self.domain.labels[idx]
 
 
 class DomainBatches:
     """Infinite iterator of one (x, y) mini-batch per domain, deterministic for a seed.
 
     Each domain gives min(batch_size, len(domain)) samples per step, drawn from a per-domain reshuffle
-    every epoch of that domain. `state_dict()` / `load_state_dict()` let training resume exactly.
+    every epoch of that domain, passed through the domain's training transform (augmentation) with a
+    per-domain generator. `state_dict()` / `load_state_dict()` let training resume exactly.
     """
 
     def __init__(self, domains: Sequence[Domain], batch_size: int, seed: int) -> None:
@@ -79,6 +106,7 @@ class DomainBatches:
                     "name": s.domain.name,
                     "size": len(s.domain),
                     "generator": s.generator.get_state(),
+                    "augment_generator": s.augment_generator.get_state(),
                     "perm": s.perm.clone(),
                     "pos": s.pos,
                 }
@@ -97,13 +125,28 @@ class DomainBatches:
         self.seed = int(state["seed"])
         for stream, s in zip(self._streams, state["streams"], strict=True):
             stream.generator.set_state(s["generator"])
+            if "augment_generator" in s:  # absent in states saved before augmentation existed
+                stream.augment_generator.set_state(s["augment_generator"])
             stream.perm = s["perm"].clone()
             stream.pos = int(s["pos"])
 
 
 def iterate_batches(domain: Domain, batch_size: int) -> Iterator[Batch]:
-    """The domain's samples in order, in batches of `batch_size` (the last may be smaller); for evaluation."""
+    """The domain's samples in order, in batches of `batch_size` (the last may be smaller), through the
+    evaluation transform; for evaluation."""
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-    for start in range(0, len(domain), batch_size):
-        yield domain.images[start : start + batch_size], domain.labels[start : start + batch_size]
+    n = len(domain)
+    if domain.streaming and n:
+        domain.prefetch(torch.arange(0, min(batch_size, n)))
+    for start in range(0, n, batch_size):
+        if domain.streaming and start + batch_size < n:
+            domain.prefetch(torch.arange(start + batch_size, min(start + 2 * batch_size, n)))
+        idx = torch.arange(start, min(start + batch_size, n))
+        yield domain.eval_batch(idx), domain.labels[idx]
+
+
+def probe_batch(domains: Sequence[Domain], per_domain: int = 64) -> torch.Tensor:
+    """The first `per_domain` model-ready samples of each domain, concatenated (evaluation transform):
+    a fixed batch for checks such as masked-vs-compressed outputs."""
+    return torch.cat([d.eval_batch(torch.arange(min(per_domain, len(d)))) for d in domains])

@@ -14,6 +14,7 @@ go to a temporary file first and are renamed into place, so concurrent runs neve
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -94,7 +95,5 @@ class CacheEntry:
             return
         for old in self.dir.glob(f"{self.prefix}*.pt"):
             if old != self.path:
-                try:
+                with contextlib.suppress(OSError):
                     old.unlink()
-                except OSError:
-                    pass

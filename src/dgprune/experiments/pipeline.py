@@ -69,8 +69,15 @@ class RunContext:
         }
 
     def new_model(self) -> nn.Module:
-        """The dense architecture, with the configured initial weights (e.g. ImageNet) if any."""
-        return build_model(**self.build_spec(), weights=self.config.model.weights).to(self.device)
+        """The dense architecture, with the configured initial weights (e.g. ImageNet) if any.
+
+        The random initialisation is drawn from the run's seed alone, so a run gives the same
+        numbers whatever ran before it in the same process.
+        """
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.seed)
+            model = build_model(**self.build_spec(), weights=self.config.model.weights)
+        return model.to(self.device)
 
     def load_model_dir(self, directory: Path) -> nn.Module:
         return load_model_dir(directory, torch.zeros(1, *self.dataset.input_shape)).to(self.device)
