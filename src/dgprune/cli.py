@@ -13,6 +13,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table as RichTable
 
+from dgprune.cli_sweep import register as register_sweep_commands
 from dgprune.errors import DgpruneError
 from dgprune.experiments.config import RunConfig, build_config, dump_config
 from dgprune.experiments.demo import DEMO_CRITERIA, DEMO_KEEP_RATIOS, TABLE2_ALGORITHMS, run_demo, run_table2
@@ -39,6 +40,28 @@ TargetOpt = Annotated[str | None, typer.Option(help="Unseen target domain; the o
 SeedOpt = Annotated[int | None, typer.Option(help="Training seed (split, batches, init).")]
 DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda or auto (cuda when present).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines.")]
+DataOpt = Annotated[
+    str | None, typer.Option("--data", help="Dataset: rotated_digits, rotated_mnist, pacs, folder:/path, ...")
+]
+DataRootOpt = Annotated[Path | None, typer.Option(help="Folder holding the dataset (see docs/datasets.md).")]
+ImageSizeOpt = Annotated[int | None, typer.Option(help="Working image size of image datasets (paper: 224).")]
+DownloadOpt = Annotated[bool, typer.Option("--download", help="MNIST-type only: download missing files.")]
+SkipBadOpt = Annotated[
+    bool, typer.Option("--skip-bad-images", help="Skip unreadable images with a warning instead of failing.")
+]
+
+
+def _data_overrides(
+    data: str | None, root: Path | None, image_size: int | None, download: bool, skip_bad: bool
+) -> dict[str, Any]:
+    """Only the flags actually given, so a config file's values stand otherwise."""
+    options = {
+        "root": str(root) if root else None,
+        "image_size": image_size,
+        "download": True if download else None,
+        "skip_bad_images": True if skip_bad else None,
+    }
+    return {"name": data, "options": {k: v for k, v in options.items() if v is not None}}
 
 
 def _progress(quiet: bool, prefix: str = ""):
@@ -172,6 +195,11 @@ def pretrain(
     target: TargetOpt = None,
     seed: SeedOpt = None,
     device: DeviceOpt = None,
+    data: DataOpt = None,
+    data_root: DataRootOpt = None,
+    image_size: ImageSizeOpt = None,
+    download: DownloadOpt = False,
+    skip_bad_images: SkipBadOpt = False,
     model: Annotated[str | None, typer.Option(help="resnet18, resnet50 or mnist_cnn.")] = None,
     algorithm: Annotated[
         str | None, typer.Option(help="Pretraining algorithm: erm, coral, mixup, vrex, groupdro or irm.")
@@ -186,6 +214,7 @@ def pretrain(
         target=target,
         seed=seed,
         device=device,
+        data=_data_overrides(data, data_root, image_size, download, skip_bad_images),
         model__name=model,
         pretrain__algorithm=algorithm,
         model__weights=str(weights) if weights else None,
@@ -204,6 +233,11 @@ def prune(
     target: TargetOpt = None,
     seed: SeedOpt = None,
     device: DeviceOpt = None,
+    data: DataOpt = None,
+    data_root: DataRootOpt = None,
+    image_size: ImageSizeOpt = None,
+    download: DownloadOpt = False,
+    skip_bad_images: SkipBadOpt = False,
     criterion: Annotated[str | None, typer.Option(help="taylor, ior, random, l1 or bn_scale.")] = None,
     keep_ratio: Annotated[
         float | None, typer.Option(help="Share of prunable filters kept, in (0, 1].")
@@ -225,6 +259,7 @@ def prune(
         target=target,
         seed=seed,
         device=device,
+        data=_data_overrides(data, data_root, image_size, download, skip_bad_images),
         prune__criterion=criterion,
         prune__keep_ratio=keep_ratio,
         prune__alpha=alpha,
@@ -244,9 +279,20 @@ def evaluate_cmd(
     target: TargetOpt = None,
     seed: SeedOpt = None,
     device: DeviceOpt = None,
+    data: DataOpt = None,
+    data_root: DataRootOpt = None,
+    image_size: ImageSizeOpt = None,
+    download: DownloadOpt = False,
+    skip_bad_images: SkipBadOpt = False,
 ) -> None:
     """Intra-, cross- and per-domain accuracy of a saved (dense or compressed) model, as JSON."""
-    cfg = _config(config, target=target, seed=seed, device=device)
+    cfg = _config(
+        config,
+        target=target,
+        seed=seed,
+        device=device,
+        data=_data_overrides(data, data_root, image_size, download, skip_bad_images),
+    )
     ctx = make_context(cfg)
     acc = evaluate(ctx.load_model_dir(model_dir), ctx.split, ctx.device)
     print(
@@ -293,6 +339,9 @@ def _print_record(record) -> None:
         f"  filters {record.filters_kept}/{record.filters_total}  params {record.params:,}"
         f"  MACs {record.macs:,}  -> {record.model_dir}"
     )
+
+
+register_sweep_commands(app)  # sweep, status, report (cli_sweep.py)
 
 
 def main() -> None:

@@ -17,6 +17,12 @@ DatasetLoader = Callable[..., MultiDomainDataset]
 
 FOLDER_PREFIX = "folder:"
 
+# Loader options that change how data are found, cached or decoded, never the samples a run sees
+# (streamed and cached batches are identical): leave them out of a run's id.
+RESULT_NEUTRAL_OPTIONS = frozenset(
+    {"root", "files", "download", "cache", "cache_dir", "workers", "stream", "memory_budget_gb"}
+)
+
 _DATASETS: dict[str, DatasetLoader] = {
     "rotated_digits": load_rotated_digits,
     "rotated_mnist": load_rotated_mnist,
@@ -59,6 +65,7 @@ def load_dataset(name: str, **options: object) -> MultiDomainDataset:
 
 
 __all__ = [
+    "RESULT_NEUTRAL_OPTIONS",
     "DatasetLoader",
     "Domain",
     "DomainBatches",

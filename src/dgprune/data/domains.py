@@ -96,8 +96,11 @@ class Domain:
     @property
     def input_shape(self) -> tuple[int, int, int]:
         """Shape of one sample as the model sees it (after the evaluation transform)."""
-        out = getattr(self.eval_transform, "output_shape", None)
-        return tuple(out(self.stored_shape)) if out else self.stored_shape  # type: ignore[return-value]
+        output_shape = getattr(self.eval_transform, "output_shape", None)
+        if output_shape is None:
+            return self.stored_shape
+        c, h, w = output_shape(self.stored_shape)
+        return int(c), int(h), int(w)
 
     def subset(self, indices: torch.Tensor) -> Domain:
         """The samples at `indices`, as a domain of the same name and transforms (e.g. its val part)."""

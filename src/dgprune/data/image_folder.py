@@ -47,7 +47,7 @@ class NamedDataset:
 
 NAMED_DATASETS: dict[str, NamedDataset] = {
     "pacs": NamedDataset(
-        ("PACS",),
+        ("PACS", "kfold"),  # kfold: the folder name inside the original PACS archive
         (("art_painting",), ("cartoon",), ("photo",), ("sketch",)),
         "https://domaingeneralization.github.io (DomainBed: python -m domainbed.scripts.download)",
     ),

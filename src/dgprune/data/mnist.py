@@ -296,10 +296,6 @@ def _check_variant(variant: str) -> None:
         raise ConfigError(f"unknown MNIST variant {variant!r}; valid: {', '.join(VARIANTS)}")
 
 
-def _dataset_name(kind: str, variant: str) -> str:
-    return f"{kind}_{variant}" if variant != "mnist" else f"{kind}_mnist"
-
-
 def load_rotated_mnist(
     root: str | None = None,
     seed: int = 0,
@@ -323,7 +319,7 @@ def load_rotated_mnist(
     if not angles or len(set(names)) != len(names):
         raise ConfigError(f"rotated_mnist needs distinct angles, got {angles}")
     paths = locate_files(root, variant, files, download)
-    name = _dataset_name("rotated", variant)
+    name = f"rotated_{variant}"  # rotated_mnist, rotated_fashion_mnist, ...
 
     def build() -> list[tuple[torch.Tensor, torch.Tensor]]:
         images, labels = read_mnist(paths)
@@ -357,7 +353,7 @@ def load_colored_mnist(
     14 x 14 as the IRM paper (and early DomainBed) did. Options as `load_rotated_mnist`."""
     _check_variant(variant)
     paths = locate_files(root, variant, files, download)
-    name = _dataset_name("colored", variant)
+    name = f"colored_{variant}"
 
     def build() -> list[tuple[torch.Tensor, torch.Tensor]]:
         images, digits = read_mnist(paths)

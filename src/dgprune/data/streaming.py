@@ -60,7 +60,9 @@ def default_workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-_POOLS: dict[int, ProcessPoolExecutor] = {}
+# Keyed by (process id, size): a pool belongs to the process that created it. A process forked
+# later (e.g. a parallel sweep worker) inherits the dict but must not use the parent's workers.
+_POOLS: dict[tuple[int, int], ProcessPoolExecutor] = {}
 
 
 def _context() -> Any:
@@ -70,18 +72,20 @@ def _context() -> Any:
 
 
 def get_pool(workers: int) -> ProcessPoolExecutor:
-    """A shared process pool of `workers` processes, created on first use, shut down at exit."""
-    pool = _POOLS.get(workers)
+    """This process's shared pool of `workers` decoding processes, created on first use."""
+    key = (os.getpid(), workers)
+    pool = _POOLS.get(key)
     if pool is None:
         pool = ProcessPoolExecutor(max_workers=workers, mp_context=_context())
-        _POOLS[workers] = pool
+        _POOLS[key] = pool
     return pool
 
 
 @atexit.register
 def shutdown_pools() -> None:
-    for pool in _POOLS.values():
-        pool.shutdown(wait=False, cancel_futures=True)
+    for (pid, _), pool in list(_POOLS.items()):
+        if pid == os.getpid():
+            pool.shutdown(wait=False, cancel_futures=True)
     _POOLS.clear()
 
 
@@ -95,7 +99,7 @@ def decode_many(paths: Sequence[str], size: int | None, workers: int) -> Iterato
     try:
         yield from get_pool(workers).map(_decode_args, [(p, size) for p in paths], chunksize=chunk)
     except Exception as e:  # a worker died (e.g. out of memory): say so instead of a pool traceback
-        _POOLS.pop(workers, None)
+        _POOLS.pop((os.getpid(), workers), None)
         raise DataError(f"image decoding workers failed: {type(e).__name__}: {e}") from None
 
 

@@ -189,17 +189,19 @@ def grayscale(x: torch.Tensor) -> torch.Tensor:
 
 def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """factor * x + (1 - factor) * other, clamped to [0, 1] (torchvision's `_blend` for float images)."""
-    f = factor.view(-1, 1, 1, 1)
-    return (f * x + (1 - f) * other).clamp_(0, 1)
+    return torch.lerp(other.expand_as(x), x, factor.view(-1, 1, 1, 1)).clamp_(0, 1)
 
 
 def adjust_brightness(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    return _blend(x, torch.zeros_like(x), factor)
+    return (x * factor.view(-1, 1, 1, 1)).clamp_(0, 1)  # a blend with black
 
 
 def adjust_contrast(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    mean = grayscale(x).mean(dim=(-3, -2, -1), keepdim=True)
-    return _blend(x, mean, factor)
+    # The mean of the grey image, from the channel means (the luma is linear): no grey image needed.
+    luma = torch.tensor(_LUMA, dtype=x.dtype, device=x.device)
+    mean = (x.mean(dim=(-2, -1)) @ luma).view(-1, 1, 1, 1)
+    f = factor.view(-1, 1, 1, 1)
+    return (x * f).add_(mean * (1 - f)).clamp_(0, 1)
 
 
 def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
@@ -207,43 +209,26 @@ def adjust_saturation(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
 
 
 def adjust_hue(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Rotate the hue by `shift` (fraction of a turn, per sample): RGB -> HSV, h += shift, HSV -> RGB."""
+    """Rotate the hue by `shift` (fraction of a turn, per sample): RGB -> HSV, h += shift, HSV -> RGB.
+
+    Same model as torchvision's `adjust_hue` on float tensors, written with few full-size ops (it is
+    the costliest augmentation): the hue, in sixths of a turn, comes from the maximum channel (red
+    wins ties, then green, as torchvision), and HSV -> RGB uses the closed form
+    channel = v - (v - min) * clamp(min(k, 4 - k), 0, 1) with k = (n + 6h) mod 6, n = 5, 3, 1.
+    """
     r, g, b = x.unbind(dim=1)
     maxc = torch.maximum(torch.maximum(r, g), b)
-    minc = torch.minimum(torch.minimum(r, g), b)
-    delta = maxc - minc
-    flat = delta == 0
-    safe_delta = torch.where(flat, torch.ones_like(delta), delta)
-    sat = delta / torch.where(maxc == 0, torch.ones_like(maxc), maxc)
-    # Hue sector from whichever channel is the maximum (red wins ties, then green), in turns.
-    rc, gc, bc = (maxc - r) / safe_delta, (maxc - g) / safe_delta, (maxc - b) / safe_delta
-    hue = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
-    hue = torch.where(flat, torch.zeros_like(hue), hue)
-    hue = torch.remainder(hue / 6.0 + shift.view(-1, 1, 1), 1.0)
-    # Back to RGB.
-    h6 = hue * 6.0
-    sector = torch.floor(h6)
-    frac = h6 - sector
-    sector = sector.to(torch.int64) % 6
-    v = maxc
-    p = (v * (1.0 - sat)).clamp_(0, 1)
-    q = (v * (1.0 - sat * frac)).clamp_(0, 1)
-    t = (v * (1.0 - sat * (1.0 - frac))).clamp_(0, 1)
-    table = (  # (r, g, b) for sectors 0..5
-        (v, t, p),
-        (q, v, p),
-        (p, v, t),
-        (p, q, v),
-        (t, p, v),
-        (v, p, q),
+    chroma = maxc - torch.minimum(torch.minimum(r, g), b)
+    inv = chroma.masked_fill(chroma == 0, 1.0).reciprocal_()
+    # Grey pixels (chroma 0) take the first branch with g - b = 0: hue 0, and their ramp is unused.
+    sixths = torch.where(
+        maxc == r, (g - b) * inv, torch.where(maxc == g, (b - r) * inv + 2.0, (r - g) * inv + 4.0)
     )
-    out = []
-    for channel in range(3):
-        value = table[5][channel]
-        for s in range(4, -1, -1):
-            value = torch.where(sector == s, table[s][channel], value)
-        out.append(value)
-    return torch.stack(out, dim=1)
+    sixths += 6.0 * shift.view(-1, 1, 1)
+    offsets = torch.tensor([5.0, 3.0, 1.0], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    k = torch.remainder(sixths.unsqueeze(1) + offsets, 6.0)
+    ramp = torch.minimum(k, 4.0 - k).clamp_(0, 1)
+    return torch.addcmul(maxc.unsqueeze(1), chroma.unsqueeze(1), ramp, value=-1.0)
 
 
 _JITTER_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)

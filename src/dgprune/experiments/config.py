@@ -11,6 +11,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from dgprune.data import RESULT_NEUTRAL_OPTIONS
 from dgprune.errors import ConfigError
 from dgprune.training.settings import PretrainSettings, PruneSettings
 
@@ -46,12 +47,18 @@ class RunConfig(_Strict):
     device: Literal["cpu", "cuda", "auto"] = "auto"
 
     def run_id(self) -> str:
-        """Stable id: hash of everything that changes results (not the device)."""
-        return _digest(self.model_dump(exclude={"device"}))
+        """Stable id: hash of everything that changes results (not the device, paths or caching)."""
+        return _digest(self._identity(exclude={"device"}))
 
     def pretrain_id(self) -> str:
         """Id of the pretrained model: what pruning settings do not change."""
-        return _digest(self.model_dump(exclude={"device", "prune"}))
+        return _digest(self._identity(exclude={"device", "prune"}))
+
+    def _identity(self, exclude: set[str]) -> dict[str, Any]:
+        payload = self.model_dump(exclude=exclude)
+        options = payload["data"]["options"]
+        payload["data"]["options"] = {k: v for k, v in options.items() if k not in RESULT_NEUTRAL_OPTIONS}
+        return payload
 
 
 def _digest(payload: dict[str, Any]) -> str:

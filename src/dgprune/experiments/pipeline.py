@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dgprune.data import LodoSplit, MultiDomainDataset, load_dataset, make_lodo_split
+from dgprune.data import LodoSplit, MultiDomainDataset, load_dataset, make_lodo_split, probe_batch
 from dgprune.errors import ConfigError
 from dgprune.experiments.config import RunConfig
 from dgprune.experiments.records import ResultRecord
@@ -145,6 +145,7 @@ def _record(
         masked_vs_compressed_max_abs_diff=diff,
         variance_term_share=variance_share,
         finetune_algorithm=None if criterion == "none" else cfg.prune.finetune_algorithm,
+        skipped_images=len(ctx.dataset.skipped_files),
     )
 
 
@@ -187,7 +188,7 @@ def run_prune(
         progress,
         checkpoint_dir=out_dir,
     )
-    probe = torch.cat([d.images[:64] for d in ctx.split.val]).to(ctx.device)
+    probe = probe_batch(ctx.split.val, 64).to(ctx.device)
     model.eval()
     with torch.no_grad():
         masked_logits = model(probe)

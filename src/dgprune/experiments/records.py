@@ -49,6 +49,7 @@ class ResultRecord:
     masked_vs_compressed_max_abs_diff: float | None = None
     variance_term_share: float | None = None  # see PruneOutcome.variance_term_share
     finetune_algorithm: str | None = None  # objective while pruning + fine-tuning (None: dense model)
+    skipped_images: int = 0  # unreadable images skipped with --skip-bad-images
     versions: dict[str, str] = field(default_factory=library_versions)
 
     def to_dict(self) -> dict[str, Any]:
