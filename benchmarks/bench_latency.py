@@ -3,7 +3,7 @@
 The dense model is ``build_model("resnet18", num_classes=7, in_channels=3)`` (standard ImageNet stem,
 random weights: latency does not depend on the values). Channel groups come from
 ``find_channel_groups(..., scope="all")`` (residual stages included), a GateSet masks the chosen
-channels, then the gates are detached and ``remove_channels`` deletes them for real.
+channels, then ``compress`` detaches the gates and ``remove_channels`` deletes the channels for real.
 
 Which channels go (``--selection``):
 
@@ -11,6 +11,9 @@ Which channels go (``--selection``):
   (``weight_statistics``), keeping the same share ``round(keep * size)`` (>= 1) of every group;
 - ``global``: the library's schedule logic (``PruningSchedule``) fed the filter L1 scores once: one
   global ranking of all channels, cut exactly at the keep target, no group emptied.
+
+``--round-to 8`` rounds every group's kept width to a multiple of 8 (uniform selection), and
+``--profile`` splits each model's time into convolution kernels and all other ops (torch.profiler).
 
 Latency is ``model(x)`` under ``torch.inference_mode()``, eval mode. Dense and compressed models are
 timed interleaved (the order rotates every round); each round times a block of calls per model and
@@ -39,7 +42,7 @@ import torch
 from torch import nn
 
 from dgprune.models.factory import build_model
-from dgprune.pruning import GateSet, PruningSchedule, find_channel_groups, model_cost, remove_channels
+from dgprune.pruning import GateSet, PruningSchedule, compress, find_channel_groups, model_cost
 from dgprune.pruning.weight_stats import weight_statistics
 
 TARGET = 1.1  # latency ratio <= TARGET x MACs ratio
@@ -47,7 +50,15 @@ TRACE_SIDE = 64  # image side used to trace the dependency graph (the structure 
 
 
 # ---- building the compressed models ----------------------------------------------------------------
-def choose_pruned(gates: GateSet, model: nn.Module, keep: float, selection: str) -> torch.Tensor:
+def kept_width(size: int, keep: float, round_to: int) -> int:
+    """Width kept of a group of ``size``: ``round(keep * size)``, or to a multiple of ``round_to``."""
+    kept = round(keep * size / round_to) * round_to
+    return min(size, max(kept, min(round_to, size), 1))
+
+
+def choose_pruned(
+    gates: GateSet, model: nn.Module, keep: float, selection: str, round_to: int = 1
+) -> torch.Tensor:
     """Flat gate positions to prune so that ``keep`` of the prunable channels remain."""
     l1, _ = weight_statistics(model, gates.groups)
     if selection == "global":
@@ -57,24 +68,29 @@ def choose_pruned(gates: GateSet, model: nn.Module, keep: float, selection: str)
         return chosen if chosen is not None else torch.zeros(0, dtype=torch.long)
     positions, offset = [], 0
     for size in gates.sizes:
-        kept = max(1, round(keep * size))
+        kept = kept_width(size, keep, round_to)
         lowest = torch.argsort(l1[offset : offset + size], stable=True)[: size - kept]
         positions.append(lowest + offset)
         offset += size
     return torch.cat(positions)
 
 
-def compress(
-    dense: nn.Module, groups, keep: float, selection: str, x_trace: torch.Tensor, x_check: torch.Tensor
+def build_compressed(
+    dense: nn.Module,
+    groups,
+    keep: float,
+    selection: str,
+    x_trace: torch.Tensor,
+    x_check: torch.Tensor,
+    round_to: int = 1,
 ) -> tuple[nn.Module, dict[str, Any]]:
     model = copy.deepcopy(dense).eval()
     gates = GateSet(model, groups).attach()
-    gates.prune(choose_pruned(gates, model, keep, selection))
+    gates.prune(choose_pruned(gates, model, keep, selection, round_to))
     with torch.inference_mode():
         masked = model(x_check)
     kept = gates.num_alive()
-    gates.detach()
-    remove_channels(model, gates.pruned_positions(), x_trace)
+    compress(model, gates, x_trace)  # gates.detach(), then remove_channels(model, pruned positions, x)
     model.eval()
     with torch.inference_mode():
         diff = float((model(x_check) - masked).abs().max())
@@ -115,6 +131,34 @@ def time_models(
     return {"calls_per_block": calls, "block_ms": block_ms}
 
 
+CONV_OPS = (
+    "aten::mkldnn_convolution",
+    "aten::_slow_conv2d_forward",
+    "aten::convolution",
+    "aten::_convolution",
+)
+
+
+def profile_breakdown(model: nn.Module, x: torch.Tensor, macs: int, calls: int = 5) -> dict[str, float]:
+    """Self CPU ms per call in convolution kernels vs all other aten ops (BN, ReLU, add, pooling, copies)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode():
+        model(x)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(calls):
+                model(x)
+    conv = other = 0.0
+    for event in prof.key_averages():
+        if event.key.startswith("aten::"):
+            ms = event.self_cpu_time_total / calls / 1e3
+            if event.key in CONV_OPS:
+                conv += ms
+            else:
+                other += ms
+    return {"conv_ms": conv, "other_ms": other, "conv_gmac_per_s": macs * len(x) / 1e9 / (conv / 1e3)}
+
+
 # ---- report ----------------------------------------------------------------------------------------
 def available_cores() -> int:
     try:
@@ -141,7 +185,16 @@ def machine_info(threads: int) -> dict[str, Any]:
         "cores_available": available_cores(),
         "torch_threads": threads,
         "mkldnn": torch.backends.mkldnn.is_available(),
+        "load_average_1_5_15_min_at_start": load_average(),
     }
+
+
+def load_average() -> list[float] | None:
+    """Other work on the machine (the figures are ratios, but a busy machine widens their spread)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def parse_setting(text: str) -> tuple[int, int]:
@@ -166,6 +219,20 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(out) + "\n"
 
 
+def markdown_profile(profiles: list[dict[str, Any]]) -> str:
+    out = [
+        "| input | memory format | model | conv ms | conv GMAC/s | other ops ms | other / total |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for p in profiles:
+        share = p["other_ms"] / (p["conv_ms"] + p["other_ms"])
+        out.append(
+            f"| {p['batch']} x 3 x {p['side']}^2 | {p['memory_format']} | {p['model']} | {p['conv_ms']:.1f} "
+            f"| {p['conv_gmac_per_s']:.1f} | {p['other_ms']:.1f} | {share:.2f} |"
+        )
+    return "\n".join(out) + "\n"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--keep", type=float, nargs="+", default=[0.5, 0.3], help="keep ratios")
@@ -177,10 +244,19 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--channels-last", action="store_true", help="also time channels_last models/inputs")
     parser.add_argument("--selection", choices=("uniform", "global"), default="uniform")
+    parser.add_argument(
+        "--round-to",
+        type=int,
+        default=1,
+        help="uniform selection: round every group's kept width to a multiple of this (default 1: none)",
+    )
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 15; quick 3)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls per model and setting")
     parser.add_argument("--min-block", type=float, default=None, help="seconds per timed block (default 0.3)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: cores available)")
+    parser.add_argument(
+        "--profile", action="store_true", help="also profile conv vs other ops (torch.profiler, after timing)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="short smoke run: small inputs, 3 rounds")
     parser.add_argument("--json", type=Path, default=None, help="write the raw figures here")
@@ -197,7 +273,10 @@ def main(argv: list[str] | None = None) -> None:
         f"torch {meta['torch']}, {meta['cores_available']} cores available, "
         f"torch.set_num_threads({threads}) -> {torch.get_num_threads()} threads; {meta['cpu']}"
     )
-    print(f"rounds={rounds} warmup={args.warmup} min_block={min_block}s selection={args.selection}")
+    print(
+        f"rounds={rounds} warmup={args.warmup} min_block={min_block}s selection={args.selection} "
+        f"round_to={args.round_to}"
+    )
 
     t_start = time.perf_counter()
     torch.manual_seed(args.seed)
@@ -207,15 +286,18 @@ def main(argv: list[str] | None = None) -> None:
     groups = find_channel_groups(dense, x_trace, scope="all")
     compressed, structure = {}, {}
     for keep in args.keep:
-        compressed[keep], structure[keep] = compress(dense, groups, keep, args.selection, x_trace, x_check)
+        compressed[keep], structure[keep] = build_compressed(
+            dense, groups, keep, args.selection, x_trace, x_check, args.round_to
+        )
         s = structure[keep]
         print(
             f"keep {keep}: {s['kept_channels']}/{s['total_channels']} channels kept in {len(groups)} groups; "
+            f"widths {sorted(set(s['group_widths'].values()))}; "
             f"masked vs removed max abs diff {s['masked_vs_removed_max_abs_diff']:.1e}"
         )
 
     formats = ["contiguous", *(["channels_last"] if args.channels_last else [])]
-    rows, raw = [], []
+    rows, raw, profiles = [], [], []
     for batch, side in settings:
         x_cost = torch.randn(1, 3, side, side)
         dense_cost = model_cost(dense, x_cost)
@@ -244,6 +326,8 @@ def main(argv: list[str] | None = None) -> None:
                         "keep": keep,
                         "dense_ms": dense_ms,
                         "compressed_ms": statistics.median(block[f"keep {keep}"]),
+                        "dense_min_ms": min(block["dense"]),
+                        "compressed_min_ms": min(block[f"keep {keep}"]),
                         "dense_macs": dense_cost.macs,
                         "compressed_macs": costs[keep].macs,
                         "macs_ratio": macs_ratio,
@@ -256,6 +340,13 @@ def main(argv: list[str] | None = None) -> None:
                     }
                 )
             print(f"timed {batch}x3x{side}x{side} {fmt}: calls/block {timing['calls_per_block']}")
+            if args.profile:
+                all_costs = {"dense": dense_cost, **{f"keep {k}": c for k, c in costs.items()}}
+                for name, model in models.items():
+                    breakdown = profile_breakdown(model, x, all_costs[name].macs)
+                    profiles.append(
+                        {"batch": batch, "side": side, "memory_format": fmt, "model": name, **breakdown}
+                    )
 
     print()
     print(markdown_table(rows))
@@ -275,9 +366,13 @@ def main(argv: list[str] | None = None) -> None:
         f"{sum(r['target_met'] for r in rows)}/{len(rows)} settings meet "
         f"latency ratio <= {TARGET} x MACs ratio"
     )
+    if profiles:
+        print()
+        print(markdown_profile(profiles))
     print(f"total {time.perf_counter() - t_start:.0f} s")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
+        meta["load_average_1_5_15_min_at_end"] = load_average()
         payload = {
             "benchmark": "latency",
             "machine": meta,
@@ -286,6 +381,7 @@ def main(argv: list[str] | None = None) -> None:
                 "warmup": args.warmup,
                 "min_block_s": min_block,
                 "selection": args.selection,
+                "round_to": args.round_to,
                 "quick": args.quick,
                 "seed": args.seed,
                 "model": "resnet18, num_classes=7, in_channels=3, standard stem, eval, random weights",
@@ -293,6 +389,7 @@ def main(argv: list[str] | None = None) -> None:
             },
             "structure": {str(k): v for k, v in structure.items()},
             "results": rows,
+            "profiles": profiles,
             "raw": raw,
         }
         args.json.write_text(json.dumps(payload, indent=1))

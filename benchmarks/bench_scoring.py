@@ -1,14 +1,17 @@
 """Cost of a pruning training step: IoR scoring vs Taylor scoring vs a naive IoR vs a plain step.
 
-Every variant does the same work on the same model and data: one mini-batch per source domain,
-each domain forwarded on its own, backward, SGD step (lr 1e-3, momentum 0.9).
+Every variant does a training step on the same model and data: one mini-batch per source domain,
+forward, backward, SGD step (lr 1e-3, momentum 0.9).
 
-- ``plain``:  no gates attached; one backward of the mean risk (the gate-overhead reference).
+- ``plain``:  no gates attached; the domains forwarded as the library forwards them (each on its own
+  when the model has train-mode BatchNorm, else all in one batch), one backward of the mean risk:
+  the gate-overhead reference.
 - ``taylor``: ``per_domain_forward_backward`` (per-domain gate copies, one backward) + Taylor-FO scores.
 - ``ior``:    the same + IoR scores (DESIGN.md §2, Eq. 4).
 - ``naive``:  IoR computed the obvious way: one shared gate vector per group, ``N`` separate
-  ``torch.autograd.grad(R_i, gates, retain_graph=True)`` calls (one backward per domain), then the
-  parameter backward of the mean risk, then the IoR formula.
+  ``torch.autograd.grad(R_i, gates, retain_graph=True)`` calls (one backward per domain, each domain
+  forwarded on its own), then the parameter backward of the mean risk, then the IoR formula. Its
+  scores are checked against the library's IoR scores before timing.
 
 Absolute times on a shared machine are noisy, so the figures that matter are *ratios* measured in
 one run: the variants are interleaved (the order rotates every round), each round times a block of
@@ -38,6 +41,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils import benchmark
 
 from dgprune.models.factory import build_model
 from dgprune.pruning import (
@@ -49,6 +53,7 @@ from dgprune.pruning import (
 )
 from dgprune.pruning.criteria import Criterion
 from dgprune.pruning.groups import ChannelGroup
+from dgprune.pruning.scoring import mixes_samples
 
 # name -> (build_model kwargs, image side)
 MODELS: dict[str, tuple[dict[str, Any], int]] = {
@@ -127,7 +132,14 @@ class Bench:
 
     def step_plain(self, update: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        risks = [F.cross_entropy(self.model(x), y) for x, y in self.batches]
+        if mixes_samples(self.model):  # forward as the library does: per domain under train-mode BN...
+            risks = [F.cross_entropy(self.model(x), y) for x, y in self.batches]
+        else:  # ...else all domains in one batch
+            logits = self.model(torch.cat([x for x, _ in self.batches]))
+            sizes = [len(y) for _, y in self.batches]
+            risks = [
+                F.cross_entropy(lg, y) for lg, (_, y) in zip(logits.split(sizes), self.batches, strict=True)
+            ]
         torch.stack(risks).mean().backward()
         if update:
             self.optimizer.step()
@@ -203,6 +215,25 @@ def make_bench(model_key: str, domains: int, batch: int, seed: int) -> Bench:
     )
 
 
+def time_scores(bench: Bench, min_run_s: float) -> dict[str, float]:
+    """ms of the criterion alone (``criterion.score``) on one step's real gate gradients and risks.
+
+    The only difference between the ``ior`` and ``taylor`` steps is this call, so its cost measured
+    on its own (many repetitions, unaffected by the step's noise) bounds IoR's overhead.
+    """
+    bench.enter("ior")
+    bench.optimizer.zero_grad(set_to_none=True)
+    out = per_domain_forward_backward(bench.model, bench.gates, bench.batches)
+    bench.optimizer.zero_grad(set_to_none=True)
+    bench.enter("none")
+    inputs = ScoreInputs(gates=bench.gates.flat_gates(), domain_grads=out.domain_grads, risks=out.risks)
+    result = {}
+    for name, criterion in bench.criteria.items():
+        timer = benchmark.Timer(stmt="score(inputs)", globals={"score": criterion.score, "inputs": inputs})
+        result[name] = timer.blocked_autorange(min_run_time=min_run_s).median * 1e3
+    return result
+
+
 def check_naive_matches_library(bench: Bench) -> float:
     """Max relative difference between the library's IoR scores and the naive ones (same weights)."""
     bench.enter("ior")
@@ -251,6 +282,7 @@ def time_model(
             block_ms[variant].append((time.perf_counter() - t0) / n * 1e3)
     bench.enter("none")
     ms = {v: statistics.median(block_ms[v]) for v in VARIANTS}
+    min_ms = {v: min(block_ms[v]) for v in VARIANTS}  # least disturbed block, for reference
     ratios = {}
     for name, (a, b) in RATIOS.items():
         per_round = [x / y for x, y in zip(block_ms[a], block_ms[b], strict=True)]
@@ -260,6 +292,7 @@ def time_model(
         "rounds": rounds,
         "steps_per_block": steps,
         "ms_per_step": ms,
+        "min_ms_per_step": min_ms,
         "block_ms": block_ms,
         "ratios": ratios,
     }
@@ -284,7 +317,16 @@ def machine_info(threads: int) -> dict[str, Any]:
         "cores_available": available_cores(),
         "torch_threads": threads,
         "mkldnn": torch.backends.mkldnn.is_available(),
+        "load_average_1_5_15_min_at_start": load_average(),
     }
+
+
+def load_average() -> list[float] | None:
+    """Other work on the machine (the figures are ratios, but a busy machine widens their spread)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def available_cores() -> int:
@@ -300,20 +342,37 @@ def fmt_ratio(r: dict[str, float]) -> str:
 
 def markdown_table(results: list[dict[str, Any]]) -> str:
     head = (
-        "| model | input | domains x batch | gated channels | plain ms | taylor ms | ior ms | naive ms "
+        "| model | input | domains x batch | library forward | gated channels "
+        "| plain ms | taylor ms | ior ms | naive ms "
         "| ior/taylor | naive/taylor | taylor/plain |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     rows = []
     for res in results:
         ms, ratios = res["ms_per_step"], res["ratios"]
         rows.append(
             f"| {res['model']} | {res['input']} | {res['domains']} x {res['batch']} "
-            f"| {res['gated_channels']} "
+            f"| {res['library_forward']} | {res['gated_channels']} "
             + " ".join(f"| {ms[v]:.1f}" for v in VARIANTS)
             + " "
             + " ".join(f"| {fmt_ratio(ratios[k])}" for k in RATIOS)
             + " |"
+        )
+    return head + "\n".join(rows) + "\n"
+
+
+def markdown_score_table(results: list[dict[str, Any]]) -> str:
+    head = (
+        "| model | taylor score ms | ior score ms | ior extra / taylor step | ior/taylor implied |\n"
+        "|---|---|---|---|---|\n"
+    )
+    rows = []
+    for res in results:
+        sc = res["score_only_ms"]
+        implied = res["ior_over_taylor_from_score_cost"]
+        rows.append(
+            f"| {res['model']} | {sc['taylor']:.4f} | {sc['ior']:.4f} "
+            f"| {(implied - 1) * 100:.4f} % | {implied:.5f} |"
         )
     return head + "\n".join(rows) + "\n"
 
@@ -367,6 +426,8 @@ def main(argv: list[str] | None = None) -> None:
         bench = make_bench(key, args.domains, args.batch, args.seed)
         rel = check_naive_matches_library(bench)
         timing = time_model(bench, rounds, warmup, min_block, budget)
+        score_ms = time_scores(bench, 0.2 if args.quick else 1.0)
+        extra = (score_ms["ior"] - score_ms["taylor"]) / timing["ms_per_step"]["taylor"]
         side = MODELS[key][1]
         channels = MODELS[key][0]["in_channels"]
         res = {
@@ -375,8 +436,11 @@ def main(argv: list[str] | None = None) -> None:
             "domains": args.domains,
             "batch": args.batch,
             "gated_channels": bench.gates.total,
+            "library_forward": "per domain" if mixes_samples(bench.model) else "one batch",
             "groups": len(bench.gates.groups),
             "naive_vs_library_ior_max_rel_diff": rel,
+            "score_only_ms": score_ms,
+            "ior_over_taylor_from_score_cost": 1.0 + extra,
             **timing,
             "wall_s": time.perf_counter() - t0,
         }
@@ -389,12 +453,21 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(markdown_table(results))
     print("ms: median ms per step over rounds; ratios: median of per-round ratios [inter-quartile range].")
+    print()
+    print(markdown_score_table(results))
+    print("score ms: criterion.score alone on one step's gate gradients (torch.utils.benchmark, median);")
+    print("implied: 1 + (ior score - taylor score) / taylor step, the step cost IoR adds over Taylor.")
     for res in results:
-        r = res["ratios"]["ior/taylor"]["median"]
-        verdict = "met" if r <= IOR_TARGET else "NOT met"
-        print(f"{res['model']}: ior/taylor = {r:.3f} -> target <= {IOR_TARGET} {verdict}")
+        r = res["ratios"]["ior/taylor"]
+        verdict = "met" if r["median"] <= IOR_TARGET else "NOT met"
+        print(
+            f"{res['model']}: ior/taylor measured {r['median']:.3f} [IQR {r['q25']:.3f}-{r['q75']:.3f}] "
+            f"-> target <= {IOR_TARGET} {verdict}; implied by the score cost "
+            f"{res['ior_over_taylor_from_score_cost']:.5f}"
+        )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
+        meta["load_average_1_5_15_min_at_end"] = load_average()
         settings = {
             "max_rounds": rounds,
             "budget_s_per_model": budget,
