@@ -13,7 +13,6 @@ from rich import box
 from rich.console import Console
 from rich.table import Table as RichTable
 
-from dgprune.cli_sweep import register as register_sweep_commands
 from dgprune.errors import DgpruneError
 from dgprune.experiments.config import RunConfig, build_config, dump_config
 from dgprune.experiments.demo import DEMO_CRITERIA, DEMO_KEEP_RATIOS, TABLE2_ALGORITHMS, run_demo, run_table2
@@ -341,7 +340,6 @@ def _print_record(record) -> None:
     )
 
 
-register_sweep_commands(app)  # sweep, status, report (cli_sweep.py)
 
 
 def main() -> None:
