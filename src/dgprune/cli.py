@@ -340,8 +340,6 @@ def _print_record(record) -> None:
     )
 
 
-
-
 def main() -> None:
     """Entry point: user errors print one line (no traceback) and exit with status 2."""
     try:
