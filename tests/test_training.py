@@ -1,5 +1,6 @@
 """Training loops: checkpoint selection rules (paper A.2) and the magnitude statistics."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -201,3 +202,30 @@ def test_interrupted_pruning_resumes_to_the_same_result(tmp_path, monkeypatch, c
     assert resumed.history == reference.history and resumed.best_step == reference.best_step
     assert torch.equal(resumed.gates.flat_alive(), reference.gates.flat_alive())
     _assert_same_state(model.state_dict(), model_ref.state_dict())
+
+
+def _mixup_pretrained(hparams: dict) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    model = build_model("mnist_cnn", 10, 1)
+    settings = PretrainSettings(algorithm="mixup", hparams=hparams, steps=3, batch_size=8, eval_every=3)
+    pretrain(model, _split(), settings, seed=3, device=CPU)
+    return model.state_dict()
+
+
+def test_mixup_draws_from_the_run_seed_unless_the_config_sets_one():
+    implicit = _mixup_pretrained({})
+    _assert_same_state(implicit, _mixup_pretrained({"seed": 3}))  # run seed 3 is the default
+    other = _mixup_pretrained({"seed": 0})
+    assert any(not torch.equal(implicit[k], other[k]) for k in implicit)
+
+
+def test_dg_finetuning_algorithm_draws_from_the_run_seed():
+    from dgprune.training.prune_finetune import finetune_algorithm
+
+    model = build_model("mnist_cnn", 10, 1)
+    seeded = finetune_algorithm(model, 3, PruneSettings(finetune_algorithm="mixup"), seed=7)
+    explicit = finetune_algorithm(
+        model, 3, PruneSettings(finetune_algorithm="mixup", finetune_hparams={"seed": 2}), seed=7
+    )
+    assert seeded.rng.random() == np.random.default_rng(7).random()
+    assert explicit.rng.random() == np.random.default_rng(2).random()

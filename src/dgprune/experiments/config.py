@@ -61,8 +61,14 @@ class RunConfig(_Strict):
         return payload
 
 
+# Bumped when a code change alters the results of an unchanged config, so that stale results on
+# disk are not reused under the same id. 2: Mixup draws from the run seed (was a fixed 0).
+RESULTS_VERSION = 2
+
+
 def _digest(payload: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+    salted = {"results_version": RESULTS_VERSION, **payload}
+    return hashlib.sha256(json.dumps(salted, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def _read_mapping(path: Path) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from torch import nn
 from dgprune.data import LodoSplit, MultiDomainDataset, load_dataset, make_lodo_split, probe_batch
 from dgprune.errors import ConfigError
 from dgprune.experiments.config import RunConfig
-from dgprune.experiments.records import ResultRecord
+from dgprune.experiments.records import ResultRecord, write_json_atomic
 from dgprune.models import build_model
 from dgprune.pruning.groups import find_channel_groups
 from dgprune.pruning.surgery import (
@@ -217,7 +217,7 @@ def run_prune(
 
 def _finish(out_dir: Path, record: ResultRecord) -> None:
     """Mark the stage done (metrics.json) and drop its mid-stage checkpoint."""
-    (out_dir / METRICS_FILE).write_text(json.dumps(record.to_dict(), indent=1))
+    write_json_atomic(out_dir / METRICS_FILE, record.to_dict())  # the done-marker must be whole
     Checkpointer(out_dir).clear()
 
 

@@ -56,11 +56,16 @@ class ResultRecord:
         return asdict(self)
 
 
-def write_records(path: Path, records: list[ResultRecord]) -> None:
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write ``payload`` as JSON via a temporary file and a rename: a kill never leaves a broken file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps([r.to_dict() for r in records], indent=1))
-    tmp.replace(path)  # atomic: an interrupted write never leaves a broken file
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1))
+    tmp.replace(path)
+
+
+def write_records(path: Path, records: list[ResultRecord]) -> None:
+    write_json_atomic(path, [r.to_dict() for r in records])
 
 
 def read_records(path: Path) -> list[ResultRecord]:

@@ -43,7 +43,8 @@ def pretrain(
     with the same arguments continues from it: the result equals that of an uninterrupted run.
     """
     torch.manual_seed(seed)
-    hparams = {**settings.hparams, "lr": settings.lr, "weight_decay": settings.weight_decay}
+    # The run seed drives the algorithm's own draws (Mixup) unless the config sets one explicitly.
+    hparams = {"seed": seed, **settings.hparams, "lr": settings.lr, "weight_decay": settings.weight_decay}
     algorithm = make_algorithm(settings.algorithm, model, len(split.train), hparams)
     batches = DomainBatches(split.train, settings.batch_size, seed=seed)
     best_val, best_step, best_state = -1.0, 0, copy.deepcopy(model.state_dict())

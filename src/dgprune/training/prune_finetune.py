@@ -81,7 +81,7 @@ def prune_and_finetune(
         model.parameters(), lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
     )
     batches = DomainBatches(split.train, settings.batch_size, seed=seed)
-    algorithm = finetune_algorithm(model, len(split.train), settings)
+    algorithm = finetune_algorithm(model, len(split.train), settings, seed)
     objective = algorithm.objective if algorithm is not None else None
     total_steps = max(settings.steps, schedule.steps_to_target() + 1)
     best_val, best_step, best_state = -1.0, 0, None
@@ -174,18 +174,24 @@ def _variance_share(inputs: ScoreInputs, alpha: float) -> float:
     return float((ior - taylor_scores(inputs).sum()) / ior) if ior > 0 else 0.0
 
 
-def finetune_algorithm(model: nn.Module, num_domains: int, settings: PruneSettings) -> Algorithm | None:
+def finetune_algorithm(
+    model: nn.Module, num_domains: int, settings: PruneSettings, seed: int = 0
+) -> Algorithm | None:
     """The DG algorithm whose objective drives fine-tuning, or None for ERM (the exact one-backward path).
 
     Penalty annealing (VREx, IRM) is switched off unless asked for: the model is already trained,
-    so the penalty applies at full weight from the first fine-tuning step.
+    so the penalty applies at full weight from the first fine-tuning step. ``seed`` (the run's) seeds
+    the algorithm's own draws unless ``finetune_hparams`` sets one.
     """
     if settings.finetune_algorithm == "erm":
         return None
     defaults = default_hparams(settings.finetune_algorithm, "mnist")
     no_annealing = {key: 0 for key in defaults if key.endswith("anneal_iters")}
     return make_algorithm(
-        settings.finetune_algorithm, model, num_domains, {**no_annealing, **settings.finetune_hparams}
+        settings.finetune_algorithm,
+        model,
+        num_domains,
+        {**no_annealing, "seed": seed, **settings.finetune_hparams},
     )
 
 
