@@ -1,0 +1,145 @@
+"""Run a sweep's units on a Ray cluster, with the same unit function as the local workers.
+
+Design (see docs/experiments.md):
+
+- The **driver** (the `dgprune sweep --ray ...` process) owns the SQLite database: it claims units,
+  keeps their heartbeat fresh while their task is in flight, and writes every result. SQLite is
+  never opened on another node, so the database may stay on the driver's local disk.
+- Each unit is one Ray task (``num_cpus`` = ``cpus_per_task``) that calls
+  :func:`dgprune.experiments.sweep.execute_unit` with a list sink and returns the list of
+  started / done / failed events, which the driver replays into the database.
+- Model directories and mid-stage checkpoints are written by the task under the sweep directory.
+  Results never depend on it, but for a killed sweep to resume *from checkpoints* (rather than
+  recompute a unit from scratch, to the same numbers), the sweep directory must be on a file system
+  every node shares (NFS, a mounted bucket). On a single machine (``--ray local``) it always is.
+
+Ray is optional: ``pip install 'ray>=2.40'``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dgprune.errors import ConfigError
+from dgprune.experiments.config import RunConfig
+from dgprune.experiments.store import Store
+from dgprune.experiments.sweep import (
+    ListSink,
+    StoreSink,
+    Sweep,
+    _error_text,
+    execute_unit,
+    unit_configs,
+)
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("--ray needs Ray: pip install 'ray>=2.40' (or run without --ray)") from None
+    return ray
+
+
+def connect(address: str, num_cpus: int | None = None) -> Any:
+    """Connect to (or start) Ray: ``auto``/``host:port``/``ray://...`` join a cluster, ``local`` starts one.
+
+    An already initialised Ray (e.g. ``ray.init(num_cpus=2)`` by the caller) is used as it is.
+    """
+    ray = _import_ray()
+    if not ray.is_initialized():
+        try:
+            if address == "local":
+                ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+            else:
+                ray.init(address=address, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as err:
+            raise ConfigError(
+                f"cannot connect to Ray at {address!r} ({err}); start a cluster (`ray start --head`) "
+                "or use --ray local"
+            ) from None
+    return ray
+
+
+def unit_task(
+    pretrain_config: dict[str, Any],
+    runs: list[dict[str, Any]],
+    todo: list[str],
+    sweep_dir: str,
+    device: str | None,
+    threads: int,
+) -> list[tuple[str, str, Any]]:
+    """The body of one Ray task: run the unit, return its events (plain picklable data)."""
+    torch.set_num_threads(threads)
+    sink = ListSink()
+    execute_unit(
+        RunConfig.model_validate(pretrain_config),
+        [RunConfig.model_validate(r) for r in runs],
+        set(todo),
+        Path(sweep_dir),
+        sink,
+        device,
+    )
+    return sink.events
+
+
+def run_units_ray(
+    sweep: Sweep, address: str, cpus_per_task: int = 1, quiet: bool = False, only: list[str] | None = None
+) -> int:
+    """Run every pending unit of the (registered) sweep as Ray tasks; returns how many ran."""
+    ray = connect(address)
+    remote = ray.remote(num_cpus=cpus_per_task, max_retries=0)(unit_task)
+    capacity = max(1, int(ray.cluster_resources().get("CPU", 1) // cpus_per_task))
+    echo = None if quiet else (lambda line: print(f"[ray] {line}", flush=True))
+    in_flight: dict[Any, str] = {}
+    held: set[str] = set()
+    stop = threading.Event()
+    ran = 0
+
+    def beat() -> None:  # the driver vouches for the units its tasks hold
+        with Store(sweep.db_path) as beat_store:
+            while not stop.wait(sweep.options.heartbeat_s):
+                with contextlib.suppress(Exception):  # a missed beat is harmless
+                    beat_store.heartbeat(list(held))
+
+    beater = threading.Thread(target=beat, daemon=True)
+    beater.start()
+    try:
+        with Store(sweep.db_path) as store:
+            sink = StoreSink(store, echo)
+            while True:
+                while len(in_flight) < capacity and (claim := store.claim("ray", only=only)) is not None:
+                    pretrain_config, runs = unit_configs(store, claim.unit_id)
+                    store.mark_running(claim.run_ids)
+                    ref = remote.remote(
+                        pretrain_config.model_dump(mode="json"),
+                        [r.model_dump(mode="json") for r in runs],
+                        claim.run_ids,
+                        str(sweep.directory.resolve()),
+                        sweep.device,
+                        cpus_per_task,
+                    )
+                    in_flight[ref] = claim.unit_id
+                    held.add(claim.unit_id)
+                if not in_flight:
+                    break
+                ready, _ = ray.wait(list(in_flight), num_returns=1)
+                unit_id = in_flight.pop(ready[0])
+                try:
+                    events = ray.get(ready[0])
+                except Exception as err:
+                    store.fail_unit(unit_id, f"ray task failed: {_error_text(err)}")
+                else:
+                    ListSink(events).replay(sink)
+                    store.finish_unit(unit_id)
+                held.discard(unit_id)
+                ran += 1
+    finally:
+        stop.set()
+        beater.join()
+    return ran
