@@ -13,6 +13,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table as RichTable
 
+from dgprune.cli_sweep import register as register_sweep_commands
 from dgprune.errors import DgpruneError
 from dgprune.experiments.config import RunConfig, build_config, dump_config
 from dgprune.experiments.demo import DEMO_CRITERIA, DEMO_KEEP_RATIOS, TABLE2_ALGORITHMS, run_demo, run_table2
@@ -338,6 +339,9 @@ def _print_record(record) -> None:
         f"  filters {record.filters_kept}/{record.filters_total}  params {record.params:,}"
         f"  MACs {record.macs:,}  -> {record.model_dir}"
     )
+
+
+register_sweep_commands(app)
 
 
 def main() -> None:

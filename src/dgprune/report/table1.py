@@ -24,9 +24,11 @@ class Table:
         return "\n".join(lines)
 
 
-def _row_key(record: ResultRecord) -> tuple[float, int, str]:
+def _row_key(record: ResultRecord) -> tuple[float, int, str, float]:
     order = {"none": 0, "taylor": 1, "ior": 2}
-    return (-record.keep_ratio, order.get(record.criterion, 9), record.criterion)
+    # α separates IoR rows of a sweep over α (it is None for every other criterion).
+    alpha = record.alpha if record.alpha is not None else -1.0
+    return (-record.keep_ratio, order.get(record.criterion, 9), record.criterion, alpha)
 
 
 def table1(records: list[ResultRecord]) -> Table:
@@ -58,4 +60,6 @@ def _label(record: ResultRecord) -> str:
     if record.criterion == "none":
         return "dense (before pruning)"
     name = CRITERION_LABELS.get(record.criterion, record.criterion)
+    if record.alpha is not None and record.alpha != 1.0:  # the paper's α = 1 is left implicit
+        name += f" (α={record.alpha:g})"
     return f"{record.keep_ratio:.0%} {name}"

@@ -1,0 +1,224 @@
+"""A report Table as Markdown, CSV or LaTeX (booktabs)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dgprune.experiments.records import ResultRecord
+from dgprune.report.table1 import Table, table1
+from dgprune.report.table2 import table2
+from dgprune.report.wins import WinCount, count_wins
+
+FORMATS = ("md", "csv", "tex")
+
+_LATEX_SPECIAL = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+}
+_LATEX_SYMBOLS = {"±": r"$\pm$", "Δ": r"$\Delta$", "α": r"$\alpha$", "−": "-"}
+
+
+def to_markdown(table: Table) -> str:
+    return table.to_markdown() + "\n"
+
+
+def to_csv(table: Table) -> str:
+    """One header line, one line per row; cells as shown (e.g. "93.33 ± 0.41")."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(table.header)
+    writer.writerows(table.rows)
+    return buffer.getvalue()
+
+
+def latex_escape(text: str) -> str:
+    out = "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text)
+    for symbol, latex in _LATEX_SYMBOLS.items():
+        out = out.replace(symbol, latex)
+    return out
+
+
+def to_latex(table: Table, caption: str | None = None, label: str | None = None) -> str:
+    """A ``table`` environment with a booktabs ``tabular`` (needs ``\\usepackage{booktabs}``)."""
+    align = "l" + "r" * (len(table.header) - 1)
+    lines = [r"\begin{table}[t]", r"\centering", r"\small"]
+    if caption:
+        lines.append(rf"\caption{{{latex_escape(caption)}}}")
+    if label:
+        lines.append(rf"\label{{{label}}}")
+    lines += [rf"\begin{{tabular}}{{{align}}}", r"\toprule"]
+    lines.append(" & ".join(latex_escape(h) for h in table.header) + r" \\")
+    lines.append(r"\midrule")
+    lines += [" & ".join(latex_escape(cell) for cell in row) + r" \\" for row in table.rows]
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def render(table: Table, fmt: str, caption: str | None = None) -> str:
+    if fmt == "md":
+        return to_markdown(table)
+    if fmt == "csv":
+        return to_csv(table)
+    if fmt == "tex":
+        return to_latex(table, caption)
+    raise ValueError(f"unknown table format {fmt!r}; valid: {', '.join(FORMATS)}")
+
+
+def write_table(
+    table: Table, stem: Path, formats: tuple[str, ...] = FORMATS, caption: str | None = None
+) -> list[Path]:
+    """Write ``stem.md``, ``stem.csv``, ``stem.tex`` (those asked for); returns the paths."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for fmt in formats:
+        path = stem.with_suffix(f".{fmt}")
+        path.write_text(render(table, fmt, caption))
+        paths.append(path)
+    return paths
+
+
+# -- the whole report of a sweep -------------------------------------------------------------------
+
+
+@dataclass
+class ReportSection:
+    title: str
+    table: Table
+    stem: str  # file name without extension
+
+
+@dataclass
+class SweepReport:
+    sections: list[ReportSection] = field(default_factory=list)
+    wins: WinCount | None = None
+    plots: list[Path] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)
+
+    def to_markdown(self) -> str:
+        parts = []
+        for section in self.sections:
+            parts += [f"### {section.title}", "", section.table.to_markdown(), ""]
+        if self.wins is not None and self.wins.comparisons:
+            parts += [f"**{self.wins.summary()}**", ""]
+        return "\n".join(parts)
+
+
+def _slug(*parts: str) -> str:
+    return "-".join(re.sub(r"[^A-Za-z0-9.]+", "_", p).strip("_") for p in parts if p)
+
+
+def _table1_groups(records: list[ResultRecord]) -> dict[tuple[str, str, str], list[ResultRecord]]:
+    """Per dataset × model × pretraining algorithm: the dense model and its ERM-fine-tuned prunings,
+    for the algorithms that were pruned in more than one way (or the only algorithm)."""
+    groups: dict[tuple[str, str, str], list[ResultRecord]] = defaultdict(list)
+    for r in records:
+        if r.criterion == "none" or (r.finetune_algorithm or "erm") == "erm":
+            groups[(r.dataset, r.model, r.algorithm)].append(r)
+    algorithms_per_model: dict[tuple[str, str], int] = defaultdict(int)
+    for dataset, model, _ in groups:
+        algorithms_per_model[(dataset, model)] += 1
+    chosen = {}
+    for key, group in groups.items():
+        variants = {(r.criterion, r.alpha, r.keep_ratio) for r in group if r.criterion != "none"}
+        if variants and (len(variants) > 1 or algorithms_per_model[key[:2]] == 1):
+            chosen[key] = group
+    return chosen
+
+
+def _table2_groups(records: list[ResultRecord]) -> dict[tuple[str, str], list[ResultRecord]]:
+    """Per dataset × model with several pretraining algorithms: the dense models and the prunings
+    with the (criterion, keep ratio) that most algorithms share (ties: Taylor, then the larger ratio)."""
+    by_model: dict[tuple[str, str], list[ResultRecord]] = defaultdict(list)
+    for r in records:
+        by_model[(r.dataset, r.model)].append(r)
+    chosen = {}
+    for key, group in by_model.items():
+        algorithms = {r.algorithm for r in group}
+        if len(algorithms) < 2:
+            continue
+        coverage: dict[tuple[str, float], set[str]] = defaultdict(set)
+        for r in group:
+            if r.criterion != "none":
+                coverage[(r.criterion, r.keep_ratio)].add(r.algorithm)
+        if not coverage:
+            continue
+        criterion, ratio = max(coverage, key=lambda k: (len(coverage[k]), k[0] == "taylor", k[1], k[0]))
+        chosen[key] = [
+            r
+            for r in group
+            if r.criterion == "none"
+            or (r.criterion == criterion and r.keep_ratio == ratio and r.alpha in (None, 1.0))
+        ]
+    return chosen
+
+
+def write_report(
+    records: list[ResultRecord],
+    out_dir: Path,
+    widths: dict[str, list[list]] | None = None,
+    formats: tuple[str, ...] = FORMATS,
+    plots: bool = True,
+) -> SweepReport:
+    """Table 1 and Table 2 layouts (mean ± standard error over seeds), IoR-vs-Taylor wins, plots.
+
+    Writes ``out_dir/<table>.{md,csv,tex}``, ``out_dir/wins.*``, ``out_dir/report.md`` and PNGs.
+    """
+    from dgprune.report.plots import plot_accuracy_vs_filters, plot_layer_widths  # matplotlib: lazy
+
+    report = SweepReport()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for (dataset, model, algorithm), group in sorted(_table1_groups(records).items()):
+        seeds = len({r.seed for r in group})
+        title = (
+            f"Table 1 layout: {model} on {dataset}, {algorithm.upper()} pretraining — top-1 accuracy (%), "
+            f"mean ± standard error over {seeds} seed(s)"
+        )
+        stem = _slug("table1", dataset, model, algorithm)
+        report.sections.append(ReportSection(title, table1(group), stem))
+        if plots:
+            plot_title = f"{model} on {dataset}, {algorithm.upper()} pretraining"
+            report.plots.append(
+                plot_accuracy_vs_filters(
+                    group,
+                    out_dir / f"{_slug('accuracy_vs_filters', dataset, model, algorithm)}.png",
+                    plot_title,
+                )
+            )
+            layer_plot = plot_layer_widths(
+                group,
+                widths or {},
+                out_dir / f"{_slug('layer_widths', dataset, model, algorithm)}.png",
+                plot_title,
+            )
+            if layer_plot is not None:
+                report.plots.append(layer_plot)
+    for (dataset, model), group in sorted(_table2_groups(records).items()):
+        seeds = len({r.seed for r in group})
+        pruned = next(r for r in group if r.criterion != "none")
+        title = (
+            f"Table 2 layout: {model} on {dataset}, {pruned.criterion} pruning to {pruned.keep_ratio:.0%} — "
+            f"top-1 accuracy (%), Δ = pruned − dense (points), mean ± standard error over {seeds} seed(s)"
+        )
+        report.sections.append(ReportSection(title, table2(group), _slug("table2", dataset, model)))
+    report.wins = count_wins(records)
+    for section in report.sections:
+        report.files += write_table(section.table, out_dir / section.stem, formats, section.title)
+    if report.wins.comparisons:
+        report.files += write_table(report.wins.table(), out_dir / "wins", formats, report.wins.summary())
+    summary = out_dir / "report.md"
+    summary.write_text(report.to_markdown())
+    report.files.append(summary)
+    return report
