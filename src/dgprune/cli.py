@@ -238,7 +238,9 @@ def prune(
     image_size: ImageSizeOpt = None,
     download: DownloadOpt = False,
     skip_bad_images: SkipBadOpt = False,
-    criterion: Annotated[str | None, typer.Option(help="taylor, ior, random, l1 or bn_scale.")] = None,
+    criterion: Annotated[
+        str | None, typer.Option(help="taylor, ior, random, l1, bn_scale or oracle (Eq. 1; small models).")
+    ] = None,
     keep_ratio: Annotated[
         float | None, typer.Option(help="Share of prunable filters kept, in (0, 1].")
     ] = None,

@@ -7,6 +7,8 @@ Higher score = more important = pruned later.
 - ``ior`` (paper Eq. 4): ``taylor + alpha * (dVar/dg * g)^2`` with the population variance of the
   per-domain risks, ``dVar/dg = (2/N) sum_i (R_i - mean R) G_i``
 - ``random``, ``l1`` (filter weight L1 norm), ``bn_scale`` (|gamma| of the normalisation): baselines.
+- ``oracle`` (paper Eq. 1): the squared real change of the mean source risk when the channel is
+  removed (measured by ``pruning.oracle.loss_changes``; one forward per channel: small models only).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class ScoreInputs:
     risks: torch.Tensor | None = None  # [N] per-domain mean cross-entropy
     filter_l1: torch.Tensor | None = None  # [M] sum of |W| over the group's output filters
     norm_scale: torch.Tensor | None = None  # [M] sum of |gamma| over the group's normalisations
+    loss_change: torch.Tensor | None = None  # [M] mean risk minus mean risk with the channel removed
 
 
 def taylor_scores(inputs: ScoreInputs) -> torch.Tensor:
@@ -52,6 +55,10 @@ def bn_scale_scores(inputs: ScoreInputs) -> torch.Tensor:
     return _require(inputs.norm_scale, "norm_scale") * inputs.gates
 
 
+def oracle_scores(inputs: ScoreInputs) -> torch.Tensor:
+    return _require(inputs.loss_change, "loss_change").to(inputs.gates.dtype) ** 2 * inputs.gates
+
+
 def _require(value: torch.Tensor | None, name: str) -> torch.Tensor:
     if value is None:
         raise ValueError(f"this criterion needs {name}")
@@ -66,6 +73,7 @@ class Criterion:
     score: Callable[[ScoreInputs], torch.Tensor]
     needs_gradients: bool = False
     needs_weights: bool = False
+    needs_loss_changes: bool = False  # the oracle: one extra forward per alive channel
     generator: torch.Generator | None = None  # random draws (checkpointed so that resume is exact)
 
 
@@ -76,7 +84,7 @@ def _random_scores(generator: torch.Generator) -> Callable[[ScoreInputs], torch.
     return score
 
 
-CRITERIA: tuple[str, ...] = ("taylor", "ior", "random", "l1", "bn_scale")
+CRITERIA: tuple[str, ...] = ("taylor", "ior", "random", "l1", "bn_scale", "oracle")
 
 
 def make_criterion(name: str, alpha: float = 1.0, seed: int = 0) -> Criterion:
@@ -92,4 +100,6 @@ def make_criterion(name: str, alpha: float = 1.0, seed: int = 0) -> Criterion:
         return Criterion("l1", l1_scores, needs_weights=True)
     if name == "bn_scale":
         return Criterion("bn_scale", bn_scale_scores, needs_weights=True)
+    if name == "oracle":
+        return Criterion("oracle", oracle_scores, needs_gradients=True, needs_loss_changes=True)
     raise ValueError(f"unknown criterion {name!r}; valid: {', '.join(CRITERIA)}")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -22,6 +22,7 @@ from dgprune.data import DomainBatches, LodoSplit
 from dgprune.pruning.criteria import ScoreInputs, ior_scores, make_criterion, taylor_scores
 from dgprune.pruning.gates import GateSet
 from dgprune.pruning.groups import find_channel_groups
+from dgprune.pruning.oracle import loss_changes
 from dgprune.pruning.schedule import PruningSchedule
 from dgprune.pruning.scoring import per_domain_forward_backward
 from dgprune.pruning.weight_stats import weight_statistics
@@ -111,6 +112,8 @@ def prune_and_finetune(
         out = per_domain_forward_backward(model, gates, minibatches, objective)
         if not schedule.done:
             inputs = _score_inputs(model, gates, out, criterion.needs_weights)
+            if criterion.needs_loss_changes:  # before the update: the loss at these weights
+                inputs = replace(inputs, loss_change=loss_changes(model, gates, minibatches))
             schedule.observe(criterion.score(inputs))
             shares.append(_variance_share(inputs, settings.alpha))
         optimizer.step()
