@@ -87,3 +87,31 @@ def test_keep_ratio_out_of_range():
     for bad in (0.0, -0.1, 1.5):
         with pytest.raises(ValueError, match="keep_ratio"):
             PruningSchedule([10], bad)
+
+
+@pytest.mark.parametrize("keep_ratio", [0.5, 0.3, 0.07])
+def test_round_to_gives_multiples_and_keeps_each_groups_best(keep_ratio):
+    sizes = [64, 128, 128, 256, 3]  # the last group is narrower than 8: never pruned
+    fixed = torch.rand(sum(sizes), generator=torch.Generator().manual_seed(0))
+    rounded = PruningSchedule(sizes, keep_ratio, interval=2, max_per_step=100, round_to=8)
+    _run(rounded, lambda: fixed)
+    assert rounded.done and rounded.steps_to_target() == 0
+    widths = torch.bincount(rounded.group_of[rounded.alive], minlength=len(sizes)).tolist()
+    assert all(w % 8 == 0 and w >= 8 for w in widths[:-1]), widths
+    assert widths[-1] == 3
+    assert abs(sum(widths) - rounded.target) <= 4 * (len(sizes) - 1)  # nearest multiples: <= q/2 each
+    # Within each group the survivors are that group's highest-scored channels (scores are fixed).
+    for group in range(len(sizes)):
+        members = torch.nonzero(rounded.group_of == group).flatten()
+        best = members[torch.argsort(fixed[members], descending=True)][: widths[group]]
+        assert set(best.tolist()) == set(
+            torch.nonzero(rounded.alive & (rounded.group_of == group)).flatten().tolist()
+        )
+
+
+def test_round_to_state_round_trip_keeps_it_finished():
+    schedule = PruningSchedule([64, 64], 0.3, interval=1, max_per_step=100, round_to=8)
+    _run(schedule, lambda: torch.rand(128))
+    restored = PruningSchedule([64, 64], 0.3, interval=1, max_per_step=100, round_to=8)
+    restored.load_state_dict(schedule.state_dict())
+    assert restored.done and restored.step() is None

@@ -263,3 +263,11 @@ def test_status_before_the_sweep_starts(tmp_path):
     state = sweep_status(load_sweep(config))
     assert state.counts["pending"] == 2 and state.eta_s is None
     assert load_sweep(config).directory == tmp_path / "s-sweep"
+
+
+def test_run_ids_of_existing_results_stay_valid():
+    """Ids of the default config, recorded when the 5-seed preset ran: a new setting at its default
+    (e.g. prune.round_to = 1) must not change them, or finished sweeps would be recomputed."""
+    config = build_config(overrides={"target": "0"})
+    assert (config.run_id(), config.pretrain_id()) == ("8e60a205d1e5", "76cbbb66dc02")
+    assert build_config(overrides={"target": "0", "prune": {"round_to": 8}}).run_id() != config.run_id()

@@ -229,3 +229,25 @@ def test_dg_finetuning_algorithm_draws_from_the_run_seed():
     )
     assert seeded.rng.random() == np.random.default_rng(7).random()
     assert explicit.rng.random() == np.random.default_rng(2).random()
+
+
+def test_round_to_compresses_to_widths_that_are_multiples_of_eight():
+    from dgprune.pruning import compress
+
+    split = _split()
+    model = build_model("mnist_cnn", 10, 1)
+    settings = PruneSettings(
+        criterion="taylor", keep_ratio=0.3, interval=2, steps=10, batch_size=8, eval_every=2, round_to=8
+    )
+    x = torch.zeros(1, 1, 8, 8)
+    outcome = prune_and_finetune(model, split, settings, seed=0, device=CPU, example_input=x)
+    probe = torch.randn(4, 1, 8, 8)
+    model.eval()
+    with torch.no_grad():
+        masked = model(probe)
+    compress(model, outcome.gates, x)
+    widths = [m.out_channels for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(w % 8 == 0 for w in widths), widths
+    assert abs(sum(widths) - round(0.3 * 448)) <= 4 * len(widths)
+    with torch.no_grad():
+        torch.testing.assert_close(model(probe), masked, atol=1e-4, rtol=0)

@@ -252,6 +252,10 @@ def prune(
         str | None,
         typer.Option(help="Objective while pruning + fine-tuning (default erm, as the paper)."),
     ] = None,
+    round_to: Annotated[
+        int | None,
+        typer.Option(help="Round every layer's final width to a multiple of this (8: faster kernels)."),
+    ] = None,
     steps: Annotated[int | None, typer.Option(help="Fine-tuning steps in all.")] = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -267,6 +271,7 @@ def prune(
         prune__alpha=alpha,
         prune__scope=scope,
         prune__finetune_algorithm=finetune_algorithm,
+        prune__round_to=round_to,
         prune__steps=steps,
     )
     record = run_prune(make_context(cfg), pretrained, out, _progress(quiet))

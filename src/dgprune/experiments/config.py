@@ -58,8 +58,16 @@ class RunConfig(_Strict):
         payload = self.model_dump(exclude=exclude)
         options = payload["data"]["options"]
         payload["data"]["options"] = {k: v for k, v in options.items() if k not in RESULT_NEUTRAL_OPTIONS}
+        # Settings added after results were published are left out at their default, so that the
+        # ids of those results stay valid.
+        prune = payload.get("prune", {})
+        for key, default in _LATER_PRUNE_DEFAULTS.items():
+            if prune.get(key, default) == default:
+                prune.pop(key, None)
         return payload
 
+
+_LATER_PRUNE_DEFAULTS: dict[str, Any] = {"round_to": 1}
 
 # Bumped when a code change alters the results of an unchanged config, so that stale results on
 # disk are not reused under the same id. 2: Mixup draws from the run seed (was a fixed 0).

@@ -5,6 +5,12 @@ moving average runs across intervals (the first interval initialises it). At the
 interval the alive channels of all groups are ranked globally and the lowest are removed, at
 most ``max_per_step`` at a time, until exactly ``target`` channels remain. A group is never
 emptied, and pruned channels never return.
+
+With ``round_to = q > 1`` the last pruning step also rounds every group's width to a multiple of q
+(the nearest one, but never above the width before that step nor below q), keeping each group's
+highest-scored channels; no step takes a group below q, and a group narrower than q is never pruned.
+Convolutions whose widths are multiples of 8 run faster (docs/benchmarks.md); the total kept then
+differs from the target by up to about q/2 per group.
 """
 
 from __future__ import annotations
@@ -30,9 +36,10 @@ class PruningSchedule:
         interval: int = 30,
         max_per_step: int = 100,
         momentum: float = 0.9,
+        round_to: int = 1,
     ) -> None:
-        if interval < 1 or max_per_step < 1 or not 0.0 <= momentum < 1.0:
-            raise ValueError("interval and max_per_step must be >= 1 and momentum in [0, 1)")
+        if interval < 1 or max_per_step < 1 or round_to < 1 or not 0.0 <= momentum < 1.0:
+            raise ValueError("interval, max_per_step and round_to must be >= 1 and momentum in [0, 1)")
         self.group_sizes = list(group_sizes)
         self.group_of = torch.cat(
             [torch.full((n,), i, dtype=torch.long) for i, n in enumerate(self.group_sizes)]
@@ -42,6 +49,10 @@ class PruningSchedule:
         self.interval = interval
         self.max_per_step = max_per_step
         self.momentum = momentum
+        self.round_to = round_to
+        self.finished = False  # set by the last step (with rounding the count may end above target)
+        # Fewest channels a group may keep: 1, or with rounding q (its size if narrower).
+        self._floor = [min(round_to, n) if round_to > 1 else 1 for n in self.group_sizes]
         self.alive = torch.ones(self.total, dtype=torch.bool)
         self.ema: torch.Tensor | None = None
         self._sum = torch.zeros(self.total, dtype=torch.float64)
@@ -53,10 +64,12 @@ class PruningSchedule:
 
     @property
     def done(self) -> bool:
-        return self.num_alive <= self.target
+        return self.finished or self.num_alive <= self.target
 
     def steps_to_target(self) -> int:
         """Mini-batches needed from now until the target is reached."""
+        if self.done:
+            return 0
         steps = math.ceil(max(self.num_alive - self.target, 0) / self.max_per_step)
         return max(steps * self.interval - self._batches, 0)
 
@@ -77,8 +90,28 @@ class PruningSchedule:
         else:
             self.ema = self.momentum * self.ema + (1.0 - self.momentum) * interval_mean
         chosen = self._lowest_prunable(self.ema)
+        if self.num_alive - len(chosen) <= self.target:  # the last step
+            if self.round_to > 1:
+                chosen = self._rounded(chosen, self.ema)
+            self.finished = True
         self.alive[chosen] = False
         return chosen
+
+    def _rounded(self, chosen: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """Replace the last step's choice: per group, keep the best ``width`` alive channels, where
+        ``width`` is the ranking's width rounded to the nearest multiple of ``round_to``."""
+        q = self.round_to
+        after = self.alive.clone()
+        after[chosen] = False
+        pruned: list[torch.Tensor] = []
+        for group in range(len(self.group_sizes)):
+            alive_now = torch.nonzero(self.alive & (self.group_of == group)).flatten()
+            width = int((after[alive_now]).sum())
+            if len(alive_now) >= q:
+                width = min(max(q * math.floor(width / q + 0.5), q), q * (len(alive_now) // q))
+            ranked = alive_now[torch.argsort(scores[alive_now], descending=True, stable=True)]
+            pruned.append(ranked[width:])
+        return torch.cat(pruned).sort().values
 
     def _lowest_prunable(self, scores: torch.Tensor) -> torch.Tensor:
         budget = min(self.max_per_step, self.num_alive - self.target)
@@ -91,7 +124,7 @@ class PruningSchedule:
             if len(chosen) == budget:
                 break
             group = int(self.group_of[position])
-            if alive_per_group[group] > 1:  # never empty a group
+            if alive_per_group[group] > self._floor[group]:  # never empty a group (nor go below q)
                 alive_per_group[group] -= 1
                 chosen.append(position)
         return torch.tensor(chosen, dtype=torch.long)
@@ -102,6 +135,7 @@ class PruningSchedule:
             "ema": None if self.ema is None else self.ema.clone(),
             "sum": self._sum.clone(),
             "batches": self._batches,
+            "finished": self.finished,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -109,3 +143,4 @@ class PruningSchedule:
         self.ema = None if state["ema"] is None else state["ema"].clone()
         self._sum = state["sum"].clone()
         self._batches = int(state["batches"])
+        self.finished = bool(state.get("finished", False))  # absent in checkpoints of older versions

@@ -76,7 +76,12 @@ def prune_and_finetune(
     gates = GateSet(model, groups).attach()
     criterion = make_criterion(settings.criterion, alpha=settings.alpha, seed=seed)
     schedule = PruningSchedule(
-        gates.sizes, settings.keep_ratio, settings.interval, settings.max_per_step, settings.ema
+        gates.sizes,
+        settings.keep_ratio,
+        settings.interval,
+        settings.max_per_step,
+        settings.ema,
+        settings.round_to,
     )
     optimizer = torch.optim.SGD(
         model.parameters(), lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay

@@ -54,6 +54,12 @@ class PruneSettings(_Strict):
     scope: Literal["all", "internal"] = Field("all", description="all: also residual-coupled channels")
     interval: int = Field(30, ge=1, description="mini-batches between pruning steps")
     max_per_step: int = Field(100, ge=1, description="most filters removed per pruning step")
+    round_to: int = Field(
+        1,
+        ge=1,
+        description="round each layer's final width to a multiple of this (8: faster convolutions); "
+        "filters kept may then differ slightly from keep_ratio",
+    )
     ema: float = Field(0.9, ge=0, lt=1, description="momentum of the score moving average across intervals")
     steps: int = Field(
         3000,
