@@ -42,7 +42,14 @@ import torch
 from torch import nn
 
 from dgprune.models.factory import build_model
-from dgprune.pruning import GateSet, PruningSchedule, compress, find_channel_groups, model_cost
+from dgprune.pruning import (
+    GateSet,
+    PruningSchedule,
+    compress,
+    find_channel_groups,
+    fold_batchnorm,
+    model_cost,
+)
 from dgprune.pruning.weight_stats import weight_statistics
 
 TARGET = 1.1  # latency ratio <= TARGET x MACs ratio
@@ -243,6 +250,9 @@ def main(argv: list[str] | None = None) -> None:
         help="BATCHxSIDE input settings (default: 1x224 32x64; quick: 1x96 8x64)",
     )
     parser.add_argument("--channels-last", action="store_true", help="also time channels_last models/inputs")
+    parser.add_argument(
+        "--fold-bn", action="store_true", help="fold BatchNorm into the convs (fold_batchnorm) before timing"
+    )
     parser.add_argument("--selection", choices=("uniform", "global"), default="uniform")
     parser.add_argument(
         "--round-to",
@@ -275,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print(
         f"rounds={rounds} warmup={args.warmup} min_block={min_block}s selection={args.selection} "
-        f"round_to={args.round_to}"
+        f"round_to={args.round_to} fold_bn={args.fold_bn}"
     )
 
     t_start = time.perf_counter()
@@ -304,6 +314,8 @@ def main(argv: list[str] | None = None) -> None:
         costs = {keep: model_cost(m, x_cost) for keep, m in compressed.items()}
         for fmt in formats:
             models = {"dense": dense, **{f"keep {k}": m for k, m in compressed.items()}}
+            if args.fold_bn:  # dense and compressed alike, so the ratios stay like for like
+                models = {n: fold_batchnorm(m) for n, m in models.items()}
             x = torch.randn(batch, 3, side, side)
             if fmt == "channels_last":
                 models = {
@@ -382,6 +394,7 @@ def main(argv: list[str] | None = None) -> None:
                 "min_block_s": min_block,
                 "selection": args.selection,
                 "round_to": args.round_to,
+                "fold_bn": args.fold_bn,
                 "quick": args.quick,
                 "seed": args.seed,
                 "model": "resnet18, num_classes=7, in_channels=3, standard stem, eval, random weights",

@@ -7,7 +7,14 @@ import torch
 from safetensors.torch import load_file
 
 from dgprune.models import build_model
-from dgprune.pruning import GateSet, find_channel_groups, model_cost, remove_channels
+from dgprune.pruning import (
+    GateSet,
+    compress,
+    find_channel_groups,
+    fold_batchnorm,
+    model_cost,
+    remove_channels,
+)
 from dgprune.pruning.surgery import STRUCTURE_FILE, WEIGHTS_FILE, load_compressed, save_compressed
 
 
@@ -104,3 +111,20 @@ def test_onnx_export_of_compressed_model_matches(tmp_path, name, pixels):
     with torch.no_grad():
         expected = model(x)
     assert abs(torch.from_numpy(onnx_logits) - expected).max() < 1e-4
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_folded_batchnorm_computes_the_same_without_batchnorm(name):
+    model = build_model(name, num_classes=5, in_channels=3, small_input=True)
+    _randomise_normalisation(model)  # non-trivial running statistics and affine parameters
+    model.train()
+    x = torch.randn(3, 3, 32, 32)
+    gates = GateSet(model, find_channel_groups(model, x[:1])).attach()
+    _prune_half(gates)
+    compress(model, gates, x[:1])
+    folded = fold_batchnorm(model)
+    assert model.training, "the caller's mode is restored"
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), atol=1e-4, rtol=1e-4)

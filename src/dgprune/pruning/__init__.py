@@ -8,6 +8,7 @@ from dgprune.pruning.scoring import DomainStep, per_domain_forward_backward
 from dgprune.pruning.surgery import (
     compress,
     export_onnx,
+    fold_batchnorm,
     load_compressed,
     model_cost,
     remove_channels,
@@ -26,6 +27,7 @@ __all__ = [
     "compress",
     "export_onnx",
     "find_channel_groups",
+    "fold_batchnorm",
     "load_compressed",
     "make_criterion",
     "model_cost",
