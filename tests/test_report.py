@@ -9,6 +9,7 @@ from dataclasses import replace
 
 import pytest
 
+from dgprune.errors import ConfigError
 from dgprune.experiments.records import ResultRecord
 from dgprune.experiments.store import RunResult, RunSpec, Store
 from dgprune.experiments.sweep import sweep_records
@@ -171,3 +172,15 @@ def test_latex_escaping():
     assert latex_escape("50% a_b & c ± Δ") == r"50\% a\_b \& c $\pm$ $\Delta$"
     tex = to_latex(Table(["Model", "x"], [["a", "1"]]), caption="cap 10%")
     assert r"\caption{cap 10\%}" in tex and r"\begin{tabular}{lr}" in tex
+
+
+def test_runs_the_tables_cannot_tell_apart_are_refused(tmp_path):
+    a = record("erm", "taylor", "erm", "0", 0, 0.7)
+    b = replace(a, run_id="other-run", cross_acc=0.5)
+    configs = {
+        a.run_id: {"prune": {"round_to": 1, "lr": 0.001}},
+        b.run_id: {"prune": {"round_to": 8, "lr": 0.001}},
+    }
+    with pytest.raises(ConfigError, match=r"same table cell .* differ in prune\.round_to; "):
+        write_report([a, b], tmp_path, configs=configs, plots=False)
+    write_report([a], tmp_path, plots=False)  # one run per cell is fine

@@ -136,13 +136,15 @@ def report(
     if not records:
         raise ConfigError(f"{db_path}: no finished runs to report yet")
     with Store(db_path) as store:
-        widths = {r["run_id"]: r["layer_widths"] for r in store.rows("done") if r["layer_widths"]}
+        done = store.rows("done")
+    widths = {r["run_id"]: r["layer_widths"] for r in done if r["layer_widths"]}
+    configs = {r["run_id"]: r["config"] for r in done}
     target = report_dir or (spec.directory / "report" if spec is not None else db_path.parent / "report")
     chosen = tuple(f.strip() for f in formats.split(",") if f.strip())
     unknown = [f for f in chosen if f not in FORMATS]
     if unknown:
         raise ConfigError(f"unknown format(s) {', '.join(unknown)}; valid: {', '.join(FORMATS)}")
-    result = write_report(records, target, widths, chosen, plots)
+    result = write_report(records, target, widths, chosen, plots, configs)
     for section in result.sections:
         _print_table(section.table, section.title)
     if result.wins is not None and result.wins.comparisons:

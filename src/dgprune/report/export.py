@@ -9,6 +9,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dgprune.errors import ConfigError
 from dgprune.experiments.records import ResultRecord
 from dgprune.report.table1 import Table, table1
 from dgprune.report.table2 import table2
@@ -165,17 +166,68 @@ def _table2_groups(records: list[ResultRecord]) -> dict[tuple[str, str], list[Re
     return chosen
 
 
+def cell_key(r: ResultRecord) -> tuple:
+    """What places a run in the tables: everything the layouts show, plus seed and target."""
+    return (
+        r.dataset,
+        r.model,
+        r.algorithm,
+        r.finetune_algorithm,
+        r.criterion,
+        r.alpha,
+        r.keep_ratio,
+        r.target_domain,
+        r.seed,
+    )
+
+
+def check_one_run_per_cell(records: list[ResultRecord], configs: dict[str, dict] | None = None) -> None:
+    """Refuse runs that the tables cannot tell apart (e.g. a sweep over ``prune.round_to`` or
+    ``pretrain.lr``): averaging them into one cell would be silently wrong. ``configs`` (run id ->
+    resolved config) lets the error name the settings in which they differ."""
+    seen: dict[tuple, ResultRecord] = {}
+    for record in records:
+        other = seen.setdefault(cell_key(record), record)
+        if other is record:
+            continue
+        keys = _differing_keys((configs or {}).get(other.run_id), (configs or {}).get(record.run_id))
+        differ = ", ".join(keys) or "settings the tables do not show"
+        raise ConfigError(
+            f"runs {other.run_id} and {record.run_id} fall in the same table cell "
+            f"(target {record.target_domain}, seed {record.seed}, {record.algorithm}, {record.criterion}, "
+            f"keep {record.keep_ratio:g}) but differ in {differ}; "
+            "a report shows one run per cell: report such variants from separate sweep files "
+            "(`dgprune report FILE` reports only that file's runs)"
+        )
+
+
+def _differing_keys(a: dict | None, b: dict | None, prefix: str = "") -> list[str]:
+    if a is None or b is None:
+        return []
+    keys = []
+    for key in sorted(set(a) | set(b)):
+        left, right = a.get(key), b.get(key)
+        if isinstance(left, dict) and isinstance(right, dict):
+            keys += _differing_keys(left, right, f"{prefix}{key}.")
+        elif left != right:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
 def write_report(
     records: list[ResultRecord],
     out_dir: Path,
     widths: dict[str, list[list]] | None = None,
     formats: tuple[str, ...] = FORMATS,
     plots: bool = True,
+    configs: dict[str, dict] | None = None,
 ) -> SweepReport:
     """Table 1 and Table 2 layouts (mean ± standard error over seeds), IoR-vs-Taylor wins, plots.
 
     Writes ``out_dir/<table>.{md,csv,tex}``, ``out_dir/wins.*``, ``out_dir/report.md`` and PNGs.
+    Runs that would share a cell are an error (``check_one_run_per_cell``).
     """
+    check_one_run_per_cell(records, configs)
     from dgprune.report.plots import plot_accuracy_vs_filters, plot_layer_widths  # matplotlib: lazy
 
     report = SweepReport()
