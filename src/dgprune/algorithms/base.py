@@ -171,6 +171,17 @@ class AnnealedPenaltyAlgorithm(Algorithm):
             return float(self.hparams[self.lambda_key])
         return 1.0
 
+    def penalised(self, nll: torch.Tensor, penalty: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """``nll + w * penalty`` at the current weight, with its parts for the logs."""
+        weight = self.penalty_weight
+        loss = nll + weight * penalty
+        return loss, {
+            "loss": float(loss.detach()),
+            "nll": float(nll.detach()),
+            "penalty": float(penalty.detach()),
+            "penalty_weight": weight,
+        }
+
     def _before_step(self) -> None:
         # DomainBed re-creates Adam after computing the loss of step `anneal_iters`, before its backward.
         if self.step_count == self.hparams[self.anneal_key]:

@@ -37,11 +37,4 @@ class IRM(AnnealedPenaltyAlgorithm):
             raise ValueError(f"IRM needs at least 2 samples per domain (two halves); domains {small}")
         nll = torch.stack([F.cross_entropy(o.logits, o.y) for o in outputs]).mean()
         penalty = torch.stack([irm_penalty(o.logits, o.y) for o in outputs]).mean()
-        weight = self.penalty_weight
-        loss = nll + weight * penalty
-        return loss, {
-            "loss": float(loss.detach()),
-            "nll": float(nll.detach()),
-            "penalty": float(penalty.detach()),
-            "penalty_weight": weight,
-        }
+        return self.penalised(nll, penalty)

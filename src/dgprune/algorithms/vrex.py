@@ -27,11 +27,4 @@ class VREx(AnnealedPenaltyAlgorithm):
         risks = domain_risks(outputs)
         mean = risks.mean()
         penalty = (risks - mean).pow(2).mean()  # population variance of the domain risks
-        weight = self.penalty_weight
-        loss = mean + weight * penalty
-        return loss, {
-            "loss": float(loss.detach()),
-            "nll": float(mean.detach()),
-            "penalty": float(penalty.detach()),
-            "penalty_weight": weight,
-        }
+        return self.penalised(mean, penalty)
