@@ -30,15 +30,13 @@ import argparse
 import copy
 import json
 import math
-import os
-import platform
 import statistics
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
+from machine import available_cores, load_average, machine_info  # benchmarks/machine.py
 from torch import nn
 
 from dgprune.models.factory import build_model
@@ -167,41 +165,6 @@ def profile_breakdown(model: nn.Module, x: torch.Tensor, macs: int, calls: int =
 
 
 # ---- report ----------------------------------------------------------------------------------------
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def machine_info(threads: int) -> dict[str, Any]:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "date_utc": datetime.now(UTC).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cores_available": available_cores(),
-        "torch_threads": threads,
-        "mkldnn": torch.backends.mkldnn.is_available(),
-        "load_average_1_5_15_min_at_start": load_average(),
-    }
-
-
-def load_average() -> list[float] | None:
-    """Other work on the machine (the figures are ratios, but a busy machine widens their spread)."""
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
 
 
 def parse_setting(text: str) -> tuple[int, int]:

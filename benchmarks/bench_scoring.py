@@ -27,19 +27,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from machine import available_cores, load_average, machine_info  # benchmarks/machine.py
 from torch import nn
 from torch.utils import benchmark
 
@@ -299,41 +297,6 @@ def time_model(
 
 
 # ---- report ----------------------------------------------------------------------------------------
-def machine_info(threads: int) -> dict[str, Any]:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "date_utc": datetime.now(UTC).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cores_available": available_cores(),
-        "torch_threads": threads,
-        "mkldnn": torch.backends.mkldnn.is_available(),
-        "load_average_1_5_15_min_at_start": load_average(),
-    }
-
-
-def load_average() -> list[float] | None:
-    """Other work on the machine (the figures are ratios, but a busy machine widens their spread)."""
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def fmt_ratio(r: dict[str, float]) -> str:
