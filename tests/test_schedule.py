@@ -115,3 +115,11 @@ def test_round_to_state_round_trip_keeps_it_finished():
     restored = PruningSchedule([64, 64], 0.3, interval=1, max_per_step=100, round_to=8)
     restored.load_state_dict(schedule.state_dict())
     assert restored.done and restored.step() is None
+
+
+def test_round_to_finishes_when_its_floors_stop_it_above_the_target():
+    # 4 groups can keep no fewer than 8 each (32) but the target is 22: stop at the floors, not loop.
+    schedule = PruningSchedule([64, 128, 128, 128], 0.05, interval=1, max_per_step=100, round_to=8)
+    _run(schedule, lambda: torch.rand(448), max_batches=50)
+    assert schedule.done and schedule.num_alive == 32
+    assert torch.bincount(schedule.group_of[schedule.alive]).tolist() == [8, 8, 8, 8]

@@ -10,7 +10,8 @@ With ``round_to = q > 1`` the last pruning step also rounds every group's width 
 (the nearest one, but never above the width before that step nor below q), keeping each group's
 highest-scored channels; no step takes a group below q, and a group narrower than q is never pruned.
 Convolutions whose widths are multiples of 8 run faster (docs/benchmarks.md); the total kept then
-differs from the target by up to about q/2 per group.
+differs from the target by up to about q/2 per group. When those floors of q stop the pruning
+above the target (a very small keep ratio), that step is the last.
 """
 
 from __future__ import annotations
@@ -89,8 +90,10 @@ class PruningSchedule:
             self.ema = interval_mean
         else:
             self.ema = self.momentum * self.ema + (1.0 - self.momentum) * interval_mean
-        chosen = self._lowest_prunable(self.ema)
-        if self.num_alive - len(chosen) <= self.target:  # the last step
+        budget = min(self.max_per_step, self.num_alive - self.target)
+        chosen = self._lowest_prunable(self.ema, budget)
+        # The last step: the target is reached, or the floors of `round_to` allow no further pruning.
+        if self.num_alive - len(chosen) <= self.target or len(chosen) < budget:
             if self.round_to > 1:
                 chosen = self._rounded(chosen, self.ema)
             self.finished = True
@@ -113,8 +116,7 @@ class PruningSchedule:
             pruned.append(ranked[width:])
         return torch.cat(pruned).sort().values
 
-    def _lowest_prunable(self, scores: torch.Tensor) -> torch.Tensor:
-        budget = min(self.max_per_step, self.num_alive - self.target)
+    def _lowest_prunable(self, scores: torch.Tensor, budget: int) -> torch.Tensor:
         alive_per_group = torch.bincount(self.group_of[self.alive], minlength=len(self.group_sizes))
         candidates = torch.nonzero(self.alive).flatten()
         # stable sort: equal scores are broken by position, so runs are deterministic
