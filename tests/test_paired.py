@@ -1,0 +1,91 @@
+"""Paired criterion-vs-baseline comparisons, checked against hand and brute-force computations."""
+
+import itertools
+import math
+
+import pytest
+
+from dgprune.experiments.records import ResultRecord
+from dgprune.report.paired import holm, paired_comparisons, paired_table
+
+
+def _record(criterion: str, seed: int, target: str, cross: float, intra: float = 0.9, keep: float = 0.5):
+    return ResultRecord(
+        dataset="d",
+        target_domain=target,
+        model="m",
+        algorithm="erm",
+        criterion=criterion,
+        alpha=None,
+        keep_ratio=keep,
+        seed=seed,
+        intra_acc=intra,
+        cross_acc=cross,
+        per_domain_acc={},
+        worst_source_acc=0.0,
+        filters_total=10,
+        filters_kept=5,
+        params=1,
+        macs=1,
+        params_dense=2,
+        macs_dense=2,
+        run_id=f"{criterion}{seed}{target}{keep}",
+        selected_step=1,
+        model_dir="",
+        wall_time_s=0.0,
+        finetune_algorithm="erm",
+    )
+
+
+def _exact_wilcoxon_p(diffs: list[float]) -> float:
+    """Two-sided exact signed-rank p by enumerating all sign patterns (no zeros, no ties)."""
+    ranks = {d: r + 1 for r, d in enumerate(sorted(diffs, key=abs))}
+    w_plus = sum(ranks[d] for d in diffs if d > 0)
+    n = len(diffs)
+    total = n * (n + 1) / 2
+    observed = min(w_plus, total - w_plus)
+    extreme = 0
+    for signs in itertools.product([0, 1], repeat=n):
+        w = sum(r for r, s in zip(range(1, n + 1), signs, strict=True) if s)
+        extreme += min(w, total - w) <= observed
+    return extreme / 2**n
+
+
+def test_pairs_by_seed_and_target_with_interval_and_exact_test():
+    base = {(0, "a"): 0.50, (1, "a"): 0.60, (2, "b"): 0.70, (3, "b"): 0.40, (4, "a"): 0.55}
+    delta = {(0, "a"): 0.03, (1, "a"): 0.01, (2, "b"): 0.05, (3, "b"): -0.02, (4, "a"): 0.04}
+    records = [_record("taylor", s, t, v) for (s, t), v in base.items()]
+    records += [_record("new", s, t, base[(s, t)] + delta[(s, t)]) for (s, t) in base]
+    records.append(_record("new", 9, "a", 0.99))  # no baseline for seed 9: not a pair
+    (c,) = paired_comparisons(records, label=lambda r: r.criterion)
+    diffs = [100 * delta[k] for k in sorted(base)]
+    assert c.n == 5
+    assert c.differences == pytest.approx(diffs)
+    mean = sum(diffs) / 5
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / 4)
+    t_975_df4 = 2.7764451051977987  # Student t quantile, from tables
+    assert c.mean == pytest.approx(mean)
+    half = t_975_df4 * sd / math.sqrt(5)
+    assert c.interval == pytest.approx((mean - half, mean + half))
+    assert c.p_wilcoxon == pytest.approx(_exact_wilcoxon_p(diffs))
+    assert c.verdict == "not resolved"  # one loss among five: the interval straddles 0
+
+
+def test_verdicts_and_table():
+    records = []
+    for seed in range(4):
+        records.append(_record("taylor", seed, "a", 0.5, intra=0.9))
+        records.append(_record("up", seed, "a", 0.6 + 0.01 * seed, intra=0.89 - 0.001 * seed))
+        records.append(_record("down", seed, "a", 0.4 - 0.01 * seed, intra=0.9))
+    cross = paired_comparisons(records, label=lambda r: r.criterion)
+    intra = paired_comparisons(records, label=lambda r: r.criterion, metric="intra_acc")
+    verdicts = {c.challenger: c.verdict for c in cross}
+    assert verdicts == {"up": "better", "down": "worse"}
+    table = paired_table(cross, intra)
+    assert [row[2] for row in table.rows] == ["down", "up"]
+    assert table.rows[1][8] == "better" and table.rows[1][11] == "worse"
+
+
+def test_holm_matches_hand_computation():
+    # sorted: 0.01 (x3 -> 0.03), 0.02 (x2 -> 0.04), 0.04 (x1 -> 0.04, monotone); NaN kept.
+    assert holm([0.04, 0.01, math.nan, 0.02]) == pytest.approx([0.04, 0.03, math.nan, 0.04], nan_ok=True)
