@@ -10,6 +10,18 @@ from __future__ import annotations
 class DgpruneError(Exception):
     """Base for user-facing errors: the CLI prints the message (no traceback) and exits non-zero."""
 
+    exit_code: int = 2  # the CLI's exit status: 2 for a usage/config error
+
+
+class RunFailedError(DgpruneError):
+    """A correctly configured run that failed while running (e.g. diverged): the CLI exits with 1."""
+
+    exit_code = 1
+
+
+class DivergenceError(RunFailedError):
+    """Training hit a non-finite loss, risk, score or weight; nothing after it is saved."""
+
 
 class ConfigError(DgpruneError):
     """An invalid setting: unknown name, value out of range, inconsistent options."""

@@ -2,11 +2,16 @@
 
 Each stage reads and writes a model directory (safetensors + structure.json + metrics.json), so a
 finished stage is never recomputed and an interrupted sequence of stages resumes where it stopped.
+A directory's results and checkpoint are reused only by the run that wrote them (run.json and the
+checkpoint hold its identity): another run is refused with the settings that differ, unless asked
+to overwrite them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,18 +27,22 @@ from dgprune.models import build_model
 from dgprune.pruning.groups import find_channel_groups
 from dgprune.pruning.surgery import (
     STRUCTURE_FILE,
+    WEIGHTS_FILE,
     compress,
     load_compressed,
     model_cost,
     save_compressed,
 )
-from dgprune.training.checkpoint import Checkpointer
+from dgprune.training.checkpoint import CHECKPOINT_FILE, Checkpointer
 from dgprune.training.evaluation import evaluate
+from dgprune.training.identity import Identity, mismatch_error, same_run
 from dgprune.training.pretrain import pretrain
 from dgprune.training.progress import ProgressCallback
 from dgprune.training.prune_finetune import prune_and_finetune
 
 METRICS_FILE = "metrics.json"
+RUN_FILE = "run.json"  # the identity of the run whose metrics.json lies beside it
+RESULTS_FILE = "results.json"  # the record as the pretrain/prune commands write it
 
 
 def resolve_device(name: str) -> torch.device:
@@ -85,6 +94,8 @@ class RunContext:
 
 def load_model_dir(directory: Path, example_input: torch.Tensor | None = None) -> nn.Module:
     """A model saved by a dgprune stage (dense or compressed), with a clear error if it is not one."""
+    if not directory.is_dir():
+        raise ConfigError(f"{directory}: no such model directory")
     if not (directory / STRUCTURE_FILE).is_file():
         raise ConfigError(f"{directory}: not a dgprune model directory (no {STRUCTURE_FILE})")
     model, _ = load_compressed(directory, build_model, example_input)
@@ -125,7 +136,7 @@ def _record(
         model=cfg.model.name,
         algorithm=cfg.pretrain.algorithm,
         criterion=criterion,
-        alpha=cfg.prune.alpha if criterion == "ior" else None,
+        criterion_params={} if criterion == "none" else dict(cfg.prune.criterion_params),
         keep_ratio=keep_ratio,
         seed=cfg.seed,
         intra_acc=acc.intra,
@@ -149,31 +160,88 @@ def _record(
     )
 
 
-def run_pretrain(ctx: RunContext, out_dir: Path, progress: ProgressCallback | None = None) -> ResultRecord:
-    """Pretrain (or reuse a finished pretraining in ``out_dir``) and evaluate the selected checkpoint."""
-    metrics_path = out_dir / METRICS_FILE
+def pretrain_identity(config: RunConfig) -> Identity:
+    """What makes a pretrained model: every setting but the pruning ones (and the device)."""
+    return {
+        "stage": "pretrain",
+        "run_id": config.pretrain_id(),
+        "config": config.model_dump(mode="json", exclude={"device", "prune"}),
+    }
+
+
+def prune_identity(config: RunConfig, pretrained_dir: Path) -> Identity:
+    """A pruning run: all its settings and the pretrained model it starts from."""
+    return {
+        "stage": "prune",
+        "run_id": config.run_id(),
+        "pretrained": pretrained_model_id(pretrained_dir),
+        "config": config.model_dump(mode="json", exclude={"device"}),
+    }
+
+
+def pretrained_model_id(directory: Path) -> str:
+    """The run id of a model directory's metrics.json, else a hash of its weights file."""
+    metrics_path = directory / METRICS_FILE
     if metrics_path.is_file():
-        return ResultRecord(**json.loads(metrics_path.read_text()))
+        return _read_record(metrics_path).run_id
+    weights_path = directory / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise ConfigError(f"{directory}: not a dgprune model directory (no {WEIGHTS_FILE})")
+    digest = hashlib.sha256()
+    with weights_path.open("rb") as weights:
+        while chunk := weights.read(1 << 20):
+            digest.update(chunk)
+    return f"sha256:{digest.hexdigest()[:12]}"
+
+
+def run_pretrain(
+    ctx: RunContext, out_dir: Path, progress: ProgressCallback | None = None, overwrite: bool = False
+) -> ResultRecord:
+    """Pretrain (or reuse a finished pretraining in ``out_dir``) and evaluate the selected checkpoint.
+
+    ``out_dir`` is reused only by the same pretraining (ConfigError naming the differing settings
+    otherwise); ``overwrite`` first deletes the stage's results, checkpoint and model there.
+    """
+    identity = pretrain_identity(ctx.config)
+    if (done := _prepare_stage(out_dir, identity, overwrite)) is not None:
+        return done
     started = time.monotonic()
     model = ctx.new_model()
     outcome = pretrain(
-        model, ctx.split, ctx.config.pretrain, ctx.config.seed, ctx.device, progress, checkpoint_dir=out_dir
+        model,
+        ctx.split,
+        ctx.config.pretrain,
+        ctx.config.seed,
+        ctx.device,
+        progress,
+        checkpoint_dir=out_dir,
+        checkpoint_identity=identity,
     )
     save_compressed(out_dir, model, {}, ctx.build_spec(), ctx.dataset.input_shape)
     total = sum(g.size for g in find_channel_groups(model, ctx.example_input, ctx.config.prune.scope))
     cost = model_cost(model, ctx.example_input)
     record = _record(ctx, model, out_dir, "none", 1.0, (total, total), cost, outcome.best_step, started)
-    _finish(out_dir, record)
+    _finish(out_dir, record, identity)
     return record
 
 
 def run_prune(
-    ctx: RunContext, pretrained_dir: Path, out_dir: Path, progress: ProgressCallback | None = None
+    ctx: RunContext,
+    pretrained_dir: Path,
+    out_dir: Path,
+    progress: ProgressCallback | None = None,
+    overwrite: bool = False,
 ) -> ResultRecord:
-    """Prune + fine-tune the pretrained model, compress the selected checkpoint, evaluate it."""
-    metrics_path = out_dir / METRICS_FILE
-    if metrics_path.is_file():
-        return ResultRecord(**json.loads(metrics_path.read_text()))
+    """Prune + fine-tune the pretrained model, compress the selected checkpoint, evaluate it.
+
+    ``out_dir`` is reused only by the same run from the same pretrained model; ``overwrite`` first
+    deletes the stage's results, checkpoint and model there.
+    """
+    if out_dir.resolve() == pretrained_dir.resolve():
+        raise ConfigError(f"--out {out_dir} is the pretrained model's directory; choose another --out")
+    identity = prune_identity(ctx.config, pretrained_dir)
+    if (done := _prepare_stage(out_dir, identity, overwrite)) is not None:
+        return done
     started = time.monotonic()
     model = ctx.load_model_dir(pretrained_dir)
     dense_cost = model_cost(model, ctx.example_input)
@@ -187,6 +255,7 @@ def run_prune(
         ctx.example_input,
         progress,
         checkpoint_dir=out_dir,
+        checkpoint_identity=identity,
     )
     probe = probe_batch(ctx.split.val, 64).to(ctx.device)
     model.eval()
@@ -211,14 +280,85 @@ def run_prune(
         diff,
         outcome.variance_term_share,
     )
-    _finish(out_dir, record)
+    _finish(out_dir, record, identity)
     return record
 
 
-def _finish(out_dir: Path, record: ResultRecord) -> None:
-    """Mark the stage done (metrics.json) and drop its mid-stage checkpoint."""
+def _prepare_stage(out_dir: Path, identity: Identity, overwrite: bool) -> ResultRecord | None:
+    """Before any work: the finished record of this very run in ``out_dir``, if there is one;
+    otherwise make sure the directory can be written (a checkpoint's identity is checked on load)."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"--out {out_dir} is a file, not a directory; choose another --out")
+    if overwrite:
+        _clear_stage(out_dir)
+    if (done := _reusable_record(out_dir, identity)) is not None:
+        return done
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".dgprune-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(
+            f"--out {out_dir} is not writable ({err.strerror or err}); choose another --out"
+        ) from None
+    return None
+
+
+def _reusable_record(out_dir: Path, identity: Identity) -> ResultRecord | None:
+    metrics_path = out_dir / METRICS_FILE
+    if not metrics_path.is_file():
+        return None
+    record = _read_record(metrics_path)
+    run_path = out_dir / RUN_FILE
+    if run_path.is_file():
+        stored = _read_json(run_path)
+        if not isinstance(stored, dict) or not same_run(stored, identity):
+            raise mismatch_error(str(out_dir), stored if isinstance(stored, dict) else {}, identity)
+    elif record.run_id != identity["run_id"]:  # written before run.json existed: only the id to go by
+        raise ConfigError(
+            f"{out_dir} holds another run (run id {record.run_id}, now {identity['run_id']}; written by "
+            "an older dgprune, its settings are unknown); rerun with --overwrite to replace it, "
+            "or use another --out"
+        )
+    return record
+
+
+def _clear_stage(out_dir: Path) -> None:
+    """--overwrite: delete what a stage writes (and the command's results.json), nothing else."""
+    if not out_dir.is_dir():
+        return
+    names = [METRICS_FILE, RUN_FILE, CHECKPOINT_FILE, WEIGHTS_FILE, STRUCTURE_FILE]
+    if (out_dir / METRICS_FILE).is_file():  # a stage directory: its results.json is that stage's record
+        names.append(RESULTS_FILE)
+    try:
+        for name in names:
+            for path in (out_dir / name, out_dir / f"{name}.tmp", (out_dir / name).with_suffix(".tmp")):
+                path.unlink(missing_ok=True)
+    except OSError as err:
+        raise ConfigError(f"--overwrite: cannot delete {err.filename}: {err.strerror}") from None
+
+
+def _finish(out_dir: Path, record: ResultRecord, identity: Identity) -> None:
+    """Mark the stage done (run.json, then metrics.json) and drop its mid-stage checkpoint."""
+    write_json_atomic(out_dir / RUN_FILE, identity)
     write_json_atomic(out_dir / METRICS_FILE, record.to_dict())  # the done-marker must be whole
     Checkpointer(out_dir).clear()
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path}: unreadable ({err}); delete it or rerun with --overwrite") from None
+
+
+def _read_record(path: Path) -> ResultRecord:
+    payload = _read_json(path)
+    try:
+        return ResultRecord.from_dict(payload)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{path}: not a dgprune results file ({err}); rerun with --overwrite") from None
 
 
 def _read_structure(directory: Path) -> dict:

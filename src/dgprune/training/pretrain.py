@@ -13,7 +13,9 @@ from torch import nn
 from dgprune.algorithms import make_algorithm
 from dgprune.data import DomainBatches, LodoSplit
 from dgprune.training.checkpoint import Checkpointer, rng_state, set_rng_state
+from dgprune.training.divergence import DivergenceGuard
 from dgprune.training.evaluation import intra_accuracy
+from dgprune.training.identity import Identity
 from dgprune.training.progress import ProgressCallback, ProgressEvent
 from dgprune.training.settings import PretrainSettings
 
@@ -35,12 +37,15 @@ def pretrain(
     progress: ProgressCallback | None = None,
     checkpoint_dir: Path | None = None,
     checkpoint_every: int = 50,
+    checkpoint_identity: Identity | None = None,
 ) -> PretrainOutcome:
     """Train ``model`` in place; returns the state of the best checkpoint (also loaded into ``model``).
 
     With ``checkpoint_dir``, the whole training state (model, algorithm and its optimiser, batch
     streams, RNG, best checkpoint so far) is saved every ``checkpoint_every`` steps, and a later call
     with the same arguments continues from it: the result equals that of an uninterrupted run.
+    With ``checkpoint_identity``, only a checkpoint of that run is resumed (see Checkpointer).
+    A non-finite loss or weight raises DivergenceError; no checkpoint is written after it.
     """
     torch.manual_seed(seed)
     # The run seed drives the algorithm's own draws (Mixup) unless the config sets one explicitly.
@@ -49,7 +54,8 @@ def pretrain(
     batches = DomainBatches(split.train, settings.batch_size, seed=seed)
     best_val, best_step, best_state = -1.0, 0, copy.deepcopy(model.state_dict())
     history: list[dict[str, float]] = []
-    checkpointer = Checkpointer(checkpoint_dir, checkpoint_every)
+    checkpointer = Checkpointer(checkpoint_dir, checkpoint_every, checkpoint_identity)
+    guard = DivergenceGuard("pretrain", settings.lr, checkpointer)
     start = 1
     if (saved := checkpointer.load()) is not None:
         model.load_state_dict(saved["model"])
@@ -63,7 +69,9 @@ def pretrain(
     for step in range(start, settings.steps + 1):
         minibatches = [(x.to(device), y.to(device)) for x, y in batches.next()]
         losses = algorithm.update(minibatches)
+        guard.check_stats(step, losses)
         if step % settings.eval_every == 0 or step == settings.steps:
+            guard.check_weights(step, model)  # never select a diverged model
             val = intra_accuracy(model, split, device)
             history.append({"step": step, "loss": losses["loss"], "val_acc": val})
             if val > best_val:
@@ -81,6 +89,7 @@ def pretrain(
                     )
                 )
         if checkpointer.due(step):
+            guard.check_weights(step, model)  # the checkpoint on disk stays the last good one
             checkpointer.save(
                 {
                     "step": step,
