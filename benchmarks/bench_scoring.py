@@ -13,6 +13,12 @@ forward, backward, SGD step (lr 1e-3, momentum 0.9).
   forwarded on its own), then the parameter backward of the mean risk, then the IoR formula. Its
   scores are checked against the library's IoR scores before timing.
 
+``--bn-mode mixed`` measures the library's ``bn_mode: mixed`` instead: ``plain`` and ``naive`` forward
+the domains as one batch (BatchNorm over all sources) and ``taylor``/``ior`` take each domain's gate
+gradient of that forward with its own ``autograd.grad`` (N extra gate-only backward passes), so
+``taylor/plain`` is then the cost of exact per-domain gradients under mixed BatchNorm. For a model
+without train-mode BatchNorm (MNIST_CNN) both modes are the same computation.
+
 Absolute times on a shared machine are noisy, so the figures that matter are *ratios* measured in
 one run: the variants are interleaved (the order rotates every round), each round times a block of
 steps per variant, and the reported figures are medians over rounds (ratios: median of the per-round
@@ -20,6 +26,7 @@ ratios, with their inter-quartile range).
 
     python benchmarks/bench_scoring.py --json benchmarks/results/scoring.json
     python benchmarks/bench_scoring.py --quick
+    python benchmarks/bench_scoring.py --models resnet18 --bn-mode mixed --json scoring_mixed.json
 """
 
 from __future__ import annotations
@@ -124,20 +131,17 @@ class Bench:
     shared: SharedGates
     optimizer: torch.optim.Optimizer
     params: list[nn.Parameter] = field(default_factory=list)
+    bn_mode: str = "per_domain"  # the library's prune.bn_mode; plain and naive forward the same way
     criteria: dict[str, Criterion] = field(
         default_factory=lambda: {name: make_criterion(name) for name in ("taylor", "ior")}
     )
 
     def step_plain(self, update: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        if mixes_samples(self.model):  # forward as the library does: per domain under train-mode BN...
+        if mixes_samples(self.model) and self.bn_mode == "per_domain":  # as the library: per domain...
             risks = [F.cross_entropy(self.model(x), y) for x, y in self.batches]
         else:  # ...else all domains in one batch
-            logits = self.model(torch.cat([x for x, _ in self.batches]))
-            sizes = [len(y) for _, y in self.batches]
-            risks = [
-                F.cross_entropy(lg, y) for lg, (_, y) in zip(logits.split(sizes), self.batches, strict=True)
-            ]
+            risks = self._one_batch_risks()
         torch.stack(risks).mean().backward()
         if update:
             self.optimizer.step()
@@ -145,7 +149,7 @@ class Bench:
     def step_library(self, criterion_name: str, update: bool = True) -> torch.Tensor:
         criterion = self.criteria[criterion_name]
         self.optimizer.zero_grad(set_to_none=True)
-        out = per_domain_forward_backward(self.model, self.gates, self.batches)
+        out = per_domain_forward_backward(self.model, self.gates, self.batches, bn_mode=self.bn_mode)
         scores = criterion.score(
             ScoreInputs(gates=self.gates.flat_gates(), domain_grads=out.domain_grads, risks=out.risks)
         )
@@ -156,7 +160,10 @@ class Bench:
     def step_naive(self, update: bool = True) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
         self.shared.fresh()
-        risks = [F.cross_entropy(self.model(x), y) for x, y in self.batches]
+        if self.bn_mode == "mixed":
+            risks = self._one_batch_risks()
+        else:
+            risks = [F.cross_entropy(self.model(x), y) for x, y in self.batches]
         per_domain = []
         for risk in risks:  # one backward per domain, through that domain's graph only
             grads = torch.autograd.grad(risk, self.shared.leaves, retain_graph=True)
@@ -168,6 +175,11 @@ class Bench:
         if update:
             self.optimizer.step()
         return scores
+
+    def _one_batch_risks(self) -> list[torch.Tensor]:
+        logits = self.model(torch.cat([x for x, _ in self.batches]))
+        sizes = [len(y) for _, y in self.batches]
+        return [F.cross_entropy(lg, y) for lg, (_, y) in zip(logits.split(sizes), self.batches, strict=True)]
 
     # which hooks each variant needs; switching happens outside the timed blocks
     def enter(self, variant: str) -> None:
@@ -187,7 +199,7 @@ class Bench:
         }[variant]
 
 
-def make_bench(model_key: str, domains: int, batch: int, seed: int) -> Bench:
+def make_bench(model_key: str, domains: int, batch: int, seed: int, bn_mode: str = "per_domain") -> Bench:
     kwargs, side = MODELS[model_key]
     torch.manual_seed(seed)
     model = build_model(**kwargs)
@@ -210,6 +222,7 @@ def make_bench(model_key: str, domains: int, batch: int, seed: int) -> Bench:
         SharedGates(model, groups),
         optimizer,
         list(model.parameters()),
+        bn_mode=bn_mode,
     )
 
 
@@ -221,7 +234,7 @@ def time_scores(bench: Bench, min_run_s: float) -> dict[str, float]:
     """
     bench.enter("ior")
     bench.optimizer.zero_grad(set_to_none=True)
-    out = per_domain_forward_backward(bench.model, bench.gates, bench.batches)
+    out = per_domain_forward_backward(bench.model, bench.gates, bench.batches, bn_mode=bench.bn_mode)
     bench.optimizer.zero_grad(set_to_none=True)
     bench.enter("none")
     inputs = ScoreInputs(gates=bench.gates.flat_gates(), domain_grads=out.domain_grads, risks=out.risks)
@@ -361,6 +374,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: cores available)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--bn-mode",
+        choices=["per_domain", "mixed"],
+        default="per_domain",
+        help="prune.bn_mode of the library variants (plain and naive forward the same way)",
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="short smoke run: 3 rounds, batch 8, 0.1 s blocks"
     )
     parser.add_argument("--json", type=Path, default=None, help="write the raw figures here")
@@ -386,7 +405,7 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for key in args.models:
         t0 = time.perf_counter()
-        bench = make_bench(key, args.domains, args.batch, args.seed)
+        bench = make_bench(key, args.domains, args.batch, args.seed, args.bn_mode)
         rel = check_naive_matches_library(bench)
         timing = time_model(bench, rounds, warmup, min_block, budget)
         score_ms = time_scores(bench, 0.2 if args.quick else 1.0)
@@ -399,7 +418,10 @@ def main(argv: list[str] | None = None) -> None:
             "domains": args.domains,
             "batch": args.batch,
             "gated_channels": bench.gates.total,
-            "library_forward": "per domain" if mixes_samples(bench.model) else "one batch",
+            "bn_mode": args.bn_mode,
+            "library_forward": "per domain"
+            if mixes_samples(bench.model) and args.bn_mode == "per_domain"
+            else "one batch",
             "groups": len(bench.gates.groups),
             "naive_vs_library_ior_max_rel_diff": rel,
             "score_only_ms": score_ms,
@@ -438,6 +460,7 @@ def main(argv: list[str] | None = None) -> None:
             "min_block_s": min_block,
             "quick": args.quick,
             "seed": args.seed,
+            "bn_mode": args.bn_mode,
             "optimizer": "SGD lr 1e-3 momentum 0.9",
             "ior_target": IOR_TARGET,
         }

@@ -62,7 +62,7 @@ def test_taylor_and_ior_equal_brute_force(name, pixels):
     torch.testing.assert_close(step.risks, ref_risks, rtol=1e-10, atol=0)
     torch.testing.assert_close(step.domain_grads, ref_grads, rtol=1e-5, atol=1e-12 * ref_grads.abs().max())
     taylor = make_criterion("taylor").score(inputs)
-    ior = make_criterion("ior", alpha=alpha).score(inputs)
+    ior = make_criterion("ior", {"alpha": alpha}).score(inputs)
     torch.testing.assert_close(taylor, ref_taylor, rtol=1e-5, atol=1e-12 * ref_taylor.max())
     torch.testing.assert_close(ior, ref_ior, rtol=1e-5, atol=1e-12 * ref_ior.max())
     # the variance term matters: IoR is not Taylor in disguise

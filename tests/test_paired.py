@@ -16,7 +16,6 @@ def _record(criterion: str, seed: int, target: str, cross: float, intra: float =
         model="m",
         algorithm="erm",
         criterion=criterion,
-        alpha=None,
         keep_ratio=keep,
         seed=seed,
         intra_acc=intra,

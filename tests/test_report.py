@@ -38,7 +38,7 @@ def record(algorithm: str, criterion: str, finetune: str | None, target: str, se
         model="mnist_cnn",
         algorithm=algorithm,
         criterion=criterion,
-        alpha=1.0 if criterion == "ior" else None,
+        criterion_params={"alpha": 1.0, "alpha_mode": "fixed", "share": 1.0} if criterion == "ior" else {},
         keep_ratio=1.0 if dense else 0.5,
         seed=seed,
         intra_acc=0.95 if dense else 0.9,
@@ -161,7 +161,7 @@ def test_wins_are_paired_over_common_seeds():
     runs = [
         replace(base, run_id="t0", seed=0, cross_acc=0.50),
         replace(base, run_id="t1", seed=1, cross_acc=0.70),
-        replace(base, run_id="i0", seed=0, criterion="ior", alpha=1.0, cross_acc=0.49),
+        replace(base, run_id="i0", seed=0, criterion="ior", criterion_params={"alpha": 1.0}, cross_acc=0.49),
     ]
     wins = count_wins(runs)
     assert len(wins.comparisons) == 1 and wins.comparisons[0].baseline == [0.50]  # seed 1 has no IoR pair

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dgprune.data import RESULT_NEUTRAL_OPTIONS
 from dgprune.errors import ConfigError
+from dgprune.pruning.criteria import criterion_param_defaults
 from dgprune.training.settings import PretrainSettings, PruneSettings
 
 
@@ -64,10 +65,19 @@ class RunConfig(_Strict):
         for key, default in _LATER_PRUNE_DEFAULTS.items():
             if prune.get(key, default) == default:
                 prune.pop(key, None)
+        if "criterion_params" in prune:
+            # Ids were first computed with a top-level prune.alpha (1.0 unless set, for every criterion)
+            # and no criterion_params: keep that form, so that existing results keep their ids.
+            params = dict(prune.pop("criterion_params"))
+            prune["alpha"] = params.pop("alpha", 1.0)
+            defaults = criterion_param_defaults(self.prune.criterion)
+            defaults.pop("alpha", None)
+            if params != defaults:
+                prune["criterion_params"] = params
         return payload
 
 
-_LATER_PRUNE_DEFAULTS: dict[str, Any] = {"round_to": 1}
+_LATER_PRUNE_DEFAULTS: dict[str, Any] = {"round_to": 1, "bn_mode": "per_domain"}
 
 # Bumped when a code change alters the results of an unchanged config, so that stale results on
 # disk are not reused under the same id. 2: Mixup draws from the run seed (was a fixed 0).
@@ -101,6 +111,42 @@ def _read_mapping(path: Path) -> dict[str, Any]:
     return data
 
 
+# The settings that are mappings, with an example of each for error messages.
+_SECTION_EXAMPLES: dict[str, str] = {
+    "data": "{name: pacs}",
+    "model": "{name: resnet18}",
+    "pretrain": "{algorithm: erm, steps: 5000}",
+    "prune": "{criterion: taylor, keep_ratio: 0.5}",
+}
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, str):
+        return f"the string {value!r}"
+    if isinstance(value, bool):
+        return f"the boolean {str(value).lower()}"
+    if isinstance(value, int | float):
+        return f"the number {value}"
+    return "a list" if isinstance(value, list) else f"a {type(value).__name__}"
+
+
+def check_sections(data: dict[str, Any], source: str) -> None:
+    """A section given as a non-mapping (``data: pacs``) is an error, not silently the defaults."""
+    for key, example in _SECTION_EXAMPLES.items():
+        value = data.get(key)
+        if value is None or isinstance(value, dict):
+            continue
+        if key in ("data", "model") and isinstance(value, str):
+            example = f"{{name: {value}}}"
+        raise ConfigError(f"{source}: {key}: expected a mapping such as {example}, got {_describe(value)}")
+    options = data["data"].get("options") if isinstance(data.get("data"), dict) else None
+    if options is not None and not isinstance(options, dict):
+        raise ConfigError(
+            f"{source}: data.options: expected a mapping such as {{root: /data/pacs, image_size: 224}}, "
+            f"got {_describe(options)}"
+        )
+
+
 def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """Nested update of ``base`` by ``overrides``; a None in ``overrides`` means "not given"."""
     merged = dict(base)
@@ -116,13 +162,18 @@ def build_config(
     path: Path | None = None, overrides: dict[str, Any] | None = None, base: dict[str, Any] | None = None
 ) -> RunConfig:
     """Defaults <- ``base`` <- config file <- ``overrides`` (flags); errors name the field and the source."""
-    data = _merge(base or {}, _read_mapping(path) if path else {})
+    source = str(path) if path else "settings"
+    from_file = _read_mapping(path) if path else {}
+    for given, where in ((base or {}, "settings"), (from_file, source), (overrides or {}, "settings")):
+        check_sections(given, where)
+    data = _merge(base or {}, from_file)
     data = _merge(data, overrides or {})
     try:
         return RunConfig.model_validate(data)
     except ValidationError as err:
-        source = str(path) if path else "settings"
         raise ConfigError(f"{source}: invalid configuration:\n{format_validation_error(err)}") from None
+    except ConfigError as err:  # raised by a validator that checks several fields (one line)
+        raise ConfigError(f"{source}: {err}") from None
 
 
 def format_validation_error(err: ValidationError) -> str:

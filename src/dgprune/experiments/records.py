@@ -29,7 +29,6 @@ class ResultRecord:
     model: str
     algorithm: str
     criterion: str  # "none" for the dense (pretrained) model
-    alpha: float | None
     keep_ratio: float
     seed: int
     intra_acc: float
@@ -50,17 +49,36 @@ class ResultRecord:
     variance_term_share: float | None = None  # see PruneOutcome.variance_term_share
     finetune_algorithm: str | None = None  # objective while pruning + fine-tuning (None: dense model)
     skipped_images: int = 0  # unreadable images skipped with --skip-bad-images
+    # The criterion's validated parameters, defaults included ({} for the dense model and for criteria
+    # without parameters); name a run with pruning.criteria.criterion_label(criterion, criterion_params).
+    criterion_params: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=library_versions)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, row: dict[str, Any]) -> ResultRecord:
+        """A record as ``to_dict`` wrote it, also by an older dgprune (its ``alpha`` was IoR's only
+        parameter, None for every other criterion)."""
+        values = dict(row)
+        alpha = values.pop("alpha", None)
+        values["criterion_params"] = legacy_criterion_params(alpha, values.get("criterion_params"))
+        return cls(**values)
+
+
+def legacy_criterion_params(alpha: float | None, params: dict[str, Any] | None) -> dict[str, Any]:
+    """``criterion_params`` of a record or row that may predate it (then only ``alpha`` was kept)."""
+    if params is not None:
+        return dict(params)
+    return {} if alpha is None else {"alpha": alpha}
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:
     """Write ``payload`` as JSON via a temporary file and a rename: a kill never leaves a broken file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
+    tmp.write_text(json.dumps(payload, indent=1, allow_nan=False))  # NaN is not JSON: fail, never write it
     tmp.replace(path)
 
 
@@ -69,4 +87,4 @@ def write_records(path: Path, records: list[ResultRecord]) -> None:
 
 
 def read_records(path: Path) -> list[ResultRecord]:
-    return [ResultRecord(**row) for row in json.loads(path.read_text())]
+    return [ResultRecord.from_dict(row) for row in json.loads(path.read_text())]

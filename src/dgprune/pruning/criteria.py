@@ -1,22 +1,53 @@
 """Filter-importance criteria: pure functions of per-domain gate gradients, risks and weights.
 
 All tensors are *flat* over every prunable channel of the model (``M`` positions, see GateSet).
-Higher score = more important = pruned later.
+Higher score = more important = pruned later. Notation, for N source domains and channel m:
+``g_m`` the gate (1 alive, 0 pruned), ``R_i`` domain i's mean cross-entropy on its mini-batch,
+``G_{i,m} = dR_i/dg_m``, ``c_{i,m} = G_{i,m} g_m`` (domain i's first-order Taylor contribution: the
+predicted *fall* of R_i when g_m goes 1 -> 0 is ``c_{i,m}``) and ``s_{i,m} = c_{i,m}^2``.
+``Var`` is the population variance over domains, ``dVar/dg = (2/N) sum_i (R_i - mean R) G_i``.
 
-- ``taylor`` (Molchanov et al. 2019; paper Eq. 2): ``((1/N) sum_i G_i * g)^2``
-- ``ior`` (paper Eq. 4): ``taylor + alpha * (dVar/dg * g)^2`` with the population variance of the
-  per-domain risks, ``dVar/dg = (2/N) sum_i (R_i - mean R) G_i``
+- ``taylor`` (Molchanov et al. 2019; paper Eq. 2): ``(mean_i c_{i,m})^2``
+- ``ior`` (paper Eq. 4): ``taylor + alpha (dVar/dg_m g_m)^2``. Parameters ``alpha`` (>= 0, default 1),
+  ``alpha_mode`` (``fixed``: alpha as given; ``share``: alpha is recomputed every step as
+  ``share * sum_m taylor_m / sum_m (dVar/dg_m g_m)^2``, so the variance term's total is ``share``
+  times the Taylor total; 0 when the variance term is 0 everywhere) and ``share`` (> 0, default 1).
+- ``ior_val``: ``ior`` with the variance term of a held-out source-validation mini-batch per domain
+  (``val_risks``, ``val_domain_grads``), the Taylor term of the training batch; same parameters.
+- ``disagreement``: ``Var_i(c_{i,m})`` (Fishr / AND-mask spirit: how much the domains disagree on
+  the channel). ``taylor_disagreement``: ``taylor + beta Var_i(c_{i,m})`` (``beta`` >= 0, default 1;
+  beta = 1 gives ``mean_i c_{i,m}^2``).
+- ``worst_domain``: ``max_i s_{i,m}`` (GroupDRO's view: keep what the domain that needs it most
+  needs). ``min_domain``: ``min_i s_{i,m}`` (kept only if every source needs it: domain-invariant).
+- ``consistency``: ``mean_i s_{i,m} / (mean_i s_{i,m} + std_i s_{i,m})``, 0 where every ``s`` is 0.
+  A monotone map of the signal-to-noise ratio mean/std into (0, 1]: scale-free (multiplying every
+  gradient by a constant leaves it unchanged), 1 when all domains agree, finite when std = 0, and
+  with no epsilon to tune. It measures agreement only, not magnitude.
+- signed variants (the predicted *rise* of the risk when the channel is removed, not its square: a
+  channel whose removal lowers the risk scores below zero and goes first):
+  ``signed_taylor = -(mean_i G_{i,m}) g_m``; ``signed_worst_domain = max_i(-c_{i,m})``;
+  ``signed_ior = -(mean_i G_{i,m}) g_m - alpha (dVar/dg_m) g_m`` (the rise of the mean risk plus
+  alpha times the rise of the risks' variance; ``alpha`` >= 0, default 1).
 - ``random``, ``l1`` (filter weight L1 norm), ``bn_scale`` (|gamma| of the normalisation): baselines.
 - ``oracle`` (paper Eq. 1): the squared real change of the mean source risk when the channel is
   removed (measured by ``pruning.oracle.loss_changes``; one forward per channel: small models only).
+
+Each criterion is declared once, in ``REGISTRY``: its score function, its parameters (a pydantic model:
+names, defaults, ranges) and what the training loop must compute for it. ``make_criterion(name,
+params)`` validates the parameters and binds them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args, get_origin
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from dgprune.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -27,6 +58,11 @@ class ScoreInputs:
     filter_l1: torch.Tensor | None = None  # [M] sum of |W| over the group's output filters
     norm_scale: torch.Tensor | None = None  # [M] sum of |gamma| over the group's normalisations
     loss_change: torch.Tensor | None = None  # [M] mean risk minus mean risk with the channel removed
+    val_domain_grads: torch.Tensor | None = None  # [N, M] dR_i/dg_m on a source-validation batch
+    val_risks: torch.Tensor | None = None  # [N] per-domain risks on that validation batch
+
+
+# ---- score functions ---------------------------------------------------------------------------
 
 
 def taylor_scores(inputs: ScoreInputs) -> torch.Tensor:
@@ -41,10 +77,45 @@ def variance_gradient(domain_grads: torch.Tensor, risks: torch.Tensor) -> torch.
 
 
 def ior_scores(inputs: ScoreInputs, alpha: float = 1.0) -> torch.Tensor:
+    """Paper Eq. 4 with a fixed alpha (the ``ior`` criterion in ``fixed`` mode)."""
     grads = _require(inputs.domain_grads, "domain_grads")
     risks = _require(inputs.risks, "risks")
     ood = (variance_gradient(grads, risks) * inputs.gates) ** 2
     return taylor_scores(inputs) + alpha * ood
+
+
+def contributions(inputs: ScoreInputs) -> torch.Tensor:
+    """[N, M] ``c_{i,m} = G_{i,m} g_m``: each domain's first-order Taylor contribution."""
+    return _require(inputs.domain_grads, "domain_grads") * inputs.gates
+
+
+def disagreement_scores(inputs: ScoreInputs) -> torch.Tensor:
+    c = contributions(inputs)
+    return ((c - c.mean(dim=0)) ** 2).mean(dim=0)
+
+
+def worst_domain_scores(inputs: ScoreInputs) -> torch.Tensor:
+    return (contributions(inputs) ** 2).max(dim=0).values
+
+
+def min_domain_scores(inputs: ScoreInputs) -> torch.Tensor:
+    return (contributions(inputs) ** 2).min(dim=0).values
+
+
+def consistency_scores(inputs: ScoreInputs) -> torch.Tensor:
+    s = contributions(inputs) ** 2
+    mean = s.mean(dim=0)
+    std = ((s - mean) ** 2).mean(dim=0).sqrt()
+    positive = mean > 0
+    return torch.where(positive, mean / torch.where(positive, mean + std, 1.0), 0.0)
+
+
+def signed_taylor_scores(inputs: ScoreInputs) -> torch.Tensor:
+    return -(_require(inputs.domain_grads, "domain_grads").mean(dim=0) * inputs.gates)
+
+
+def signed_worst_domain_scores(inputs: ScoreInputs) -> torch.Tensor:
+    return (-contributions(inputs)).max(dim=0).values
 
 
 def l1_scores(inputs: ScoreInputs) -> torch.Tensor:
@@ -65,16 +136,213 @@ def _require(value: torch.Tensor | None, name: str) -> torch.Tensor:
     return value
 
 
+# ---- parameters ----------------------------------------------------------------------------------
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NoParams(_Params):
+    pass
+
+
+class AlphaParams(_Params):
+    alpha: float = Field(1.0, ge=0, allow_inf_nan=False, description="weight of the variance term")
+
+
+class BetaParams(_Params):
+    beta: float = Field(1.0, ge=0, allow_inf_nan=False, description="weight of the disagreement term")
+
+
+class IoRParams(_Params):
+    alpha: float = Field(
+        1.0, ge=0, allow_inf_nan=False, description="weight of the variance term (alpha_mode fixed)"
+    )
+    alpha_mode: Literal["fixed", "share"] = Field(
+        "fixed", description="fixed: alpha as given; share: alpha recomputed every step from share"
+    )
+    share: float = Field(
+        1.0, gt=0, allow_inf_nan=False, description="alpha_mode share: variance total / Taylor total"
+    )
+
+    @model_validator(mode="after")
+    def _no_unused_setting(self) -> IoRParams:
+        # An unused value that differs from its default is a mistake, and would split run ids.
+        if self.alpha_mode == "share" and self.alpha != 1.0:
+            raise ValueError(
+                f"alpha ({self.alpha:g}) is not used with alpha_mode 'share' (it is recomputed every step); "
+                "drop alpha or use alpha_mode 'fixed'"
+            )
+        if self.alpha_mode == "fixed" and self.share != 1.0:
+            raise ValueError(
+                f"share ({self.share:g}) is used only with alpha_mode 'share'; "
+                "set alpha_mode 'share' or drop share"
+            )
+        return self
+
+
+def _ior_alpha(params: IoRParams, taylor: torch.Tensor, variance: torch.Tensor) -> float:
+    """The variance term's weight this step: fixed, or the one that makes its total ``share`` x Taylor's."""
+    if params.alpha_mode == "fixed":
+        return params.alpha
+    total = float(variance.sum())
+    return params.share * float(taylor.sum()) / total if total > 0 else 0.0
+
+
+def _ior_parts(inputs: ScoreInputs, params: IoRParams, val: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Taylor term, alpha x variance term) of ior / ior_val."""
+    taylor = taylor_scores(inputs)
+    if val:
+        grads = _require(inputs.val_domain_grads, "val_domain_grads")
+        risks = _require(inputs.val_risks, "val_risks")
+    else:
+        grads = _require(inputs.domain_grads, "domain_grads")
+        risks = _require(inputs.risks, "risks")
+    variance = (variance_gradient(grads, risks) * inputs.gates) ** 2
+    return taylor, _ior_alpha(params, taylor, variance) * variance
+
+
+def _ior(inputs: ScoreInputs, params: IoRParams) -> torch.Tensor:
+    if params.alpha_mode == "fixed":
+        return ior_scores(inputs, params.alpha)  # the paper's formula, exactly as published runs used it
+    taylor, weighted = _ior_parts(inputs, params, val=False)
+    return taylor + weighted
+
+
+def _ior_val(inputs: ScoreInputs, params: IoRParams) -> torch.Tensor:
+    taylor, weighted = _ior_parts(inputs, params, val=True)
+    return taylor + weighted
+
+
+def _ior_share(val: bool) -> Callable[[ScoreInputs, IoRParams], float]:
+    def share(inputs: ScoreInputs, params: IoRParams) -> float:
+        taylor, weighted = _ior_parts(inputs, params, val)
+        total = float((taylor + weighted).sum())
+        return float(weighted.sum()) / total if total > 0 else 0.0
+
+    return share
+
+
+def _signed_ior(inputs: ScoreInputs, params: AlphaParams) -> torch.Tensor:
+    grads = _require(inputs.domain_grads, "domain_grads")
+    var_grad = variance_gradient(grads, _require(inputs.risks, "risks"))
+    return -(grads.mean(dim=0) * inputs.gates) - params.alpha * var_grad * inputs.gates
+
+
+def _taylor_disagreement(inputs: ScoreInputs, params: BetaParams) -> torch.Tensor:
+    return taylor_scores(inputs) + params.beta * disagreement_scores(inputs)
+
+
+def _plain(function: Callable[[ScoreInputs], torch.Tensor]) -> Callable[[ScoreInputs, Any], torch.Tensor]:
+    return lambda inputs, _params: function(inputs)
+
+
+# ---- the registry --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CriterionSpec:
+    """Everything about one criterion: its score, its parameters and what must be computed for it."""
+
+    name: str
+    score: Callable[[ScoreInputs, Any], torch.Tensor]  # (inputs, validated params) -> [M]
+    params: type[_Params] = NoParams
+    needs_gradients: bool = False  # per-domain gate gradients of the training batch
+    needs_weights: bool = False  # filter L1 norms and normalisation scales
+    needs_loss_changes: bool = False  # the oracle: one extra forward per alive channel
+    needs_val_gradients: bool = False  # per-domain gate gradients of a source-validation batch
+    random: bool = False  # draws from a seeded generator
+    # Share of the score that is a variance term (IoR family); None: IoR at alpha = 1 is reported.
+    variance_share: Callable[[ScoreInputs, Any], float] | None = None
+
+
+_SPECS = (
+    CriterionSpec("taylor", _plain(taylor_scores), needs_gradients=True),
+    CriterionSpec("ior", _ior, IoRParams, needs_gradients=True, variance_share=_ior_share(val=False)),
+    # random's score needs a seeded generator: make_criterion binds it
+    CriterionSpec("random", _plain(lambda inputs: inputs.gates), random=True),
+    CriterionSpec("l1", _plain(l1_scores), needs_weights=True),
+    CriterionSpec("bn_scale", _plain(bn_scale_scores), needs_weights=True),
+    CriterionSpec("oracle", _plain(oracle_scores), needs_gradients=True, needs_loss_changes=True),
+    CriterionSpec(
+        "ior_val",
+        _ior_val,
+        IoRParams,
+        needs_gradients=True,
+        needs_val_gradients=True,
+        variance_share=_ior_share(val=True),
+    ),
+    CriterionSpec("disagreement", _plain(disagreement_scores), needs_gradients=True),
+    CriterionSpec("taylor_disagreement", _taylor_disagreement, BetaParams, needs_gradients=True),
+    CriterionSpec("worst_domain", _plain(worst_domain_scores), needs_gradients=True),
+    CriterionSpec("min_domain", _plain(min_domain_scores), needs_gradients=True),
+    CriterionSpec("consistency", _plain(consistency_scores), needs_gradients=True),
+    CriterionSpec("signed_taylor", _plain(signed_taylor_scores), needs_gradients=True),
+    CriterionSpec("signed_worst_domain", _plain(signed_worst_domain_scores), needs_gradients=True),
+    CriterionSpec("signed_ior", _signed_ior, AlphaParams, needs_gradients=True),
+)
+REGISTRY: dict[str, CriterionSpec] = {spec.name: spec for spec in _SPECS}
+CRITERIA: tuple[str, ...] = tuple(REGISTRY)
+
+
 @dataclass(frozen=True)
 class Criterion:
-    """A named scoring rule and what it needs computed each step."""
+    """A named scoring rule bound to its parameters, and what it needs computed each step."""
 
     name: str
     score: Callable[[ScoreInputs], torch.Tensor]
     needs_gradients: bool = False
     needs_weights: bool = False
     needs_loss_changes: bool = False  # the oracle: one extra forward per alive channel
+    needs_val_gradients: bool = False  # a source-validation batch per domain, forward + gate gradients
     generator: torch.Generator | None = None  # random draws (checkpointed so that resume is exact)
+    params: Mapping[str, Any] = field(default_factory=dict)  # validated, defaults filled in
+    variance_share: Callable[[ScoreInputs], float] | None = None
+
+    @property
+    def label(self) -> str:
+        return criterion_label(self.name, self.params)
+
+
+def _spec(name: str) -> CriterionSpec:
+    if name not in REGISTRY:
+        raise ConfigError(f"unknown criterion {name!r}; valid: {', '.join(CRITERIA)}")
+    return REGISTRY[name]
+
+
+def make_criterion(name: str, params: Mapping[str, Any] | None = None, seed: int = 0) -> Criterion:
+    """Build a criterion by name (one of CRITERIA) with its parameters (validated; defaults filled in)."""
+    spec = _spec(name)
+    values = validate_criterion_params(name, params)
+    bound = spec.params.model_validate(values)
+    generator = None
+    if spec.random:
+        generator = torch.Generator().manual_seed(seed)
+        score = _random_scores(generator)
+    else:
+
+        def score(inputs: ScoreInputs) -> torch.Tensor:
+            return spec.score(inputs, bound)
+
+    share = None
+    if spec.variance_share is not None:
+        share_of = spec.variance_share
+
+        def share(inputs: ScoreInputs) -> float:
+            return share_of(inputs, bound)
+
+    return Criterion(
+        name,
+        score,
+        needs_gradients=spec.needs_gradients,
+        needs_weights=spec.needs_weights,
+        needs_loss_changes=spec.needs_loss_changes,
+        needs_val_gradients=spec.needs_val_gradients,
+        generator=generator,
+        params=values,
+        variance_share=share,
+    )
 
 
 def _random_scores(generator: torch.Generator) -> Callable[[ScoreInputs], torch.Tensor]:
@@ -84,22 +352,116 @@ def _random_scores(generator: torch.Generator) -> Callable[[ScoreInputs], torch.
     return score
 
 
-CRITERIA: tuple[str, ...] = ("taylor", "ior", "random", "l1", "bn_scale", "oracle")
+def variance_term_share(criterion: Criterion, inputs: ScoreInputs) -> float:
+    """How much of the score is a risk-variance term: the criterion's own (ior, ior_val), else that of
+    IoR at alpha = 1 on the same batch (what IoR would add to Taylor); 0 without gradients."""
+    if criterion.variance_share is not None:
+        return criterion.variance_share(inputs)
+    if inputs.domain_grads is None or inputs.risks is None:
+        return 0.0
+    ior = ior_scores(inputs, 1.0).sum()
+    return float((ior - taylor_scores(inputs).sum()) / ior) if ior > 0 else 0.0
 
 
-def make_criterion(name: str, alpha: float = 1.0, seed: int = 0) -> Criterion:
-    """Build a criterion by name (one of CRITERIA); ``alpha`` weighs IoR's variance term."""
-    if name == "taylor":
-        return Criterion("taylor", taylor_scores, needs_gradients=True)
-    if name == "ior":
-        return Criterion("ior", lambda inputs: ior_scores(inputs, alpha), needs_gradients=True)
-    if name == "random":
-        generator = torch.Generator().manual_seed(seed)
-        return Criterion("random", _random_scores(generator), generator=generator)
-    if name == "l1":
-        return Criterion("l1", l1_scores, needs_weights=True)
-    if name == "bn_scale":
-        return Criterion("bn_scale", bn_scale_scores, needs_weights=True)
-    if name == "oracle":
-        return Criterion("oracle", oracle_scores, needs_gradients=True, needs_loss_changes=True)
-    raise ValueError(f"unknown criterion {name!r}; valid: {', '.join(CRITERIA)}")
+# ---- parameter validation and labels ---------------------------------------------------------------
+
+
+def criterion_param_defaults(name: str) -> dict[str, Any]:
+    return _spec(name).params().model_dump()
+
+
+def criterion_param_names(name: str) -> tuple[str, ...]:
+    return tuple(_spec(name).params.model_fields)
+
+
+def describe_params(name: str) -> str:
+    """One line: every parameter with its range and default, e.g. ``alpha >= 0 (default 1), ...``."""
+    parts = []
+    for key, info in _spec(name).params.model_fields.items():
+        text = key
+        for meta in info.metadata:
+            if getattr(meta, "ge", None) is not None:
+                text += f" >= {_show(meta.ge)}"
+            if getattr(meta, "gt", None) is not None:
+                text += f" > {_show(meta.gt)}"
+        if get_origin(info.annotation) is Literal:
+            text += " " + " | ".join(_show(v) for v in get_args(info.annotation))
+        parts.append(f"{text} (default {_show(info.default)})")
+    return ", ".join(parts) if parts else "none"
+
+
+def validate_criterion_params(name: str, params: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The criterion's parameters with defaults filled in; ConfigError naming the criterion, the
+    parameter and the valid ones otherwise."""
+    spec = _spec(name)
+    if params is None:
+        params = {}
+    if not isinstance(params, Mapping):
+        raise ConfigError(
+            f"criterion {name!r}: parameters must be a mapping of name: value, got {_show(params)}"
+        )
+    names = tuple(spec.params.model_fields)
+    unknown = [key for key in params if key not in names]
+    if unknown:
+        given = ", ".join(repr(key) for key in unknown)
+        if not names:
+            raise ConfigError(f"criterion {name!r} takes no parameters, got {given}")
+        raise ConfigError(
+            f"criterion {name!r} has no parameter {given}; its parameters: {describe_params(name)}"
+        )
+    try:
+        return spec.params.model_validate(dict(params)).model_dump()
+    except ValidationError as err:
+        problem = err.errors()[0]
+        if not problem["loc"]:  # a check across parameters
+            reason = str(problem.get("ctx", {}).get("error", problem["msg"]))
+            raise ConfigError(f"{name}: {reason}") from None
+        key = problem["loc"][0]
+        raise ConfigError(
+            f"{name}: {key} {_reason(problem)}, got {_show(problem['input'])} "
+            f"(parameters: {describe_params(name)})"
+        ) from None
+
+
+def _reason(problem: dict[str, Any]) -> str:
+    ctx = problem.get("ctx", {})
+    kind = problem["type"]
+    if kind == "greater_than":
+        return f"must be > {_show(ctx['gt'])}"
+    if kind == "greater_than_equal":
+        return f"must be >= {_show(ctx['ge'])}"
+    if kind == "literal_error":
+        return f"must be {ctx['expected']}"
+    if kind == "finite_number":
+        return "must be a finite number"
+    if kind in ("float_parsing", "float_type"):
+        return "must be a number"
+    return str(problem["msg"]).lower()
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, str):
+        return repr(value)
+    if isinstance(value, float) and math.isfinite(value):
+        return f"{value:g}"
+    return str(value)
+
+
+def criterion_label(name: str, params: Mapping[str, Any] | None = None, display: str | None = None) -> str:
+    """A criterion's name (or ``display``) plus its parameters that differ from their defaults:
+    ``ior``, ``ior (alpha=2)``, ``ior (alpha_mode=share, share=0.5)``. Used wherever runs are named."""
+    shown = display or name
+    if not params:
+        return shown
+    defaults = criterion_param_defaults(name) if name in REGISTRY else {}
+    order = list(defaults) + sorted(key for key in params if key not in defaults)
+    changed = [
+        f"{key}={_plain_value(params[key])}"
+        for key in order
+        if key in params and (key not in defaults or params[key] != defaults[key])
+    ]
+    return f"{shown} ({', '.join(changed)})" if changed else shown
+
+
+def _plain_value(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)

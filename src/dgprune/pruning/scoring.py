@@ -1,18 +1,34 @@
-"""One training step that also yields exact per-domain gate gradients from a single backward.
+"""One training step that also yields exact per-domain gate gradients.
 
-Each source domain's mini-batch is forwarded on its own, through that domain's gate copies
-(see GateSet). Train-mode BatchNorm therefore normalises each domain's batch separately and the
-domains' graphs share parameters but no activations. The loss ``mean_i R_i`` is backpropagated
-once; the gradient in domain i's gate copy is then exactly ``(1/N) dR_i/dg``.
+Two BatchNorm modes (``prune.bn_mode``) decide how the sources are forwarded when the model couples
+the samples of a batch (train-mode BatchNorm):
+
+- ``per_domain`` (default): each source domain's mini-batch is forwarded on its own, through that
+  domain's gate copies (see GateSet). Train-mode BatchNorm therefore normalises each domain's batch
+  separately and the domains' graphs share parameters but no activations. The loss ``mean_i R_i``
+  is backpropagated once; the gradient in domain i's gate copy is then exactly ``(1/N) dR_i/dg``:
+  per-domain gradients at no extra cost.
+- ``mixed``: the sources are forwarded as ONE concatenated batch (train-mode BatchNorm normalises over
+  all sources, as pretraining and the paper do) through a single gate vector. Domain j's samples
+  then influence domain i's risk through the batch statistics, so one backward cannot separate the
+  domains: each domain's exact gradient ``dR_i/dg`` of that mixed forward is taken with its own
+  ``torch.autograd.grad(R_i, gates, retain_graph=True)``, then the training loss is backpropagated
+  once for the parameters. Cost: N extra partial backward passes (down to the first gated layer,
+  without parameter gradients) per step.
 
 A model whose layers never mix samples (no train-mode BatchNorm) is forwarded once on the
-concatenated batch instead, each sample gated by its own domain's copy: same result, one forward.
+concatenated batch in both modes, each sample gated by its own domain's copy: the two modes are the
+same computation there, one forward and one backward.
+
+``gate_gradients`` gives the same per-domain gate gradients for batches that must not train the
+model (e.g. held-out validation batches): parameter ``.grad`` and BatchNorm statistics are untouched.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +37,11 @@ from torch import nn
 from dgprune.algorithms.base import DomainOutput
 from dgprune.models.features import forward_with_features
 from dgprune.pruning.gates import GateSet
+
+BnMode = Literal["per_domain", "mixed"]
+BN_MODES: tuple[str, ...] = ("per_domain", "mixed")
+
+Batches = list[tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -49,33 +70,36 @@ Objective = Callable[
 def per_domain_forward_backward(
     model: nn.Module,
     gates: GateSet,
-    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    batches: Batches,
     objective: Objective | None = None,
+    bn_mode: BnMode = "per_domain",
 ) -> DomainStep:
-    """Forward every domain through its gate copies, return risks and exact per-domain gate grads.
+    """Forward the domains (as ``bn_mode`` says), return risks and exact per-domain gate gradients.
 
-    Without ``objective`` the training loss is ``mean_i R_i`` (ERM) and one backward yields both
-    the parameter gradients and the gate gradients. With another ``objective`` (a DG algorithm's,
-    e.g. CORAL), the gate gradients still come from the plain per-domain cross-entropies — IoR's
-    risks — via ``autograd.grad(sum_i R_i, gate copies)``, and the objective is backpropagated
-    separately: two backward passes. Parameter gradients are accumulated in ``.grad``; the caller
-    steps the optimizer.
+    Without ``objective`` the training loss is ``mean_i R_i`` (ERM); in ``per_domain`` mode one
+    backward then yields both the parameter gradients and the gate gradients. With another
+    ``objective`` (a DG algorithm's, e.g. CORAL), the gate gradients still come from the plain
+    per-domain cross-entropies — IoR's risks — via ``autograd.grad``, and the objective is
+    backpropagated separately. Parameter gradients are accumulated in ``.grad``; the caller steps
+    the optimizer.
     """
     num_domains = len(batches)
-    gates.begin_scoring(num_domains)
-    outputs = _gated_forward(model, gates, batches)
+    shared = _shared_gates(model, bn_mode)
+    gates.begin_scoring(1 if shared else num_domains)
+    outputs = _gated_forward(model, gates, batches, shared)
     risk_vector = torch.stack([F.cross_entropy(o.logits, o.y) for o in outputs])
-    if objective is None:
+    if objective is None and not shared:
         loss = risk_vector.mean()
         loss.backward()
         # d(mean R)/d(copy i) = (1/N) dR_i/dg: undo the 1/N to get each domain's own gradient.
         domain_grads = gates.domain_gradients().detach() * num_domains
     else:
-        # d(sum R)/d(copy i) = dR_i/dg, since domain i's risk only sees its own copy.
-        grads = torch.autograd.grad(risk_vector.sum(), gates.domain_gate_tensors(), retain_graph=True)
-        domain_grads = torch.cat(grads, dim=1).detach()
-        with gates.masked():  # extra forwards (Mixup's mixed images) see the masks, not a copy
-            loss, _ = objective(outputs, batches, lambda x: forward_with_features(model, x))
+        domain_grads = _risk_gradients(risk_vector, gates, shared, retain_graph=True)
+        if objective is None:
+            loss = risk_vector.mean()
+        else:
+            with gates.masked():  # extra forwards (Mixup's mixed images) see the masks, not a copy
+                loss, _ = objective(outputs, batches, lambda x: forward_with_features(model, x))
         loss.backward()
     gates.end_scoring()
     correct = sum(int((o.logits.argmax(dim=1) == o.y).sum()) for o in outputs)
@@ -83,21 +107,64 @@ def per_domain_forward_backward(
     return DomainStep(float(loss.detach()), risk_vector.detach(), domain_grads, correct, seen)
 
 
-def _gated_forward(
-    model: nn.Module, gates: GateSet, batches: list[tuple[torch.Tensor, torch.Tensor]]
-) -> list[DomainOutput]:
-    if mixes_samples(model):
+def gate_gradients(
+    model: nn.Module, gates: GateSet, batches: Batches, bn_mode: BnMode = "per_domain"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """([N] risks, [N, M] dR_i/dg) of ``batches`` forwarded as in training, without training on them:
+    only the gates are differentiated (parameter ``.grad`` is untouched) and BatchNorm running
+    statistics are restored afterwards."""
+    saved_buffers = {name: b.clone() for name, b in model.named_buffers()}
+    shared = _shared_gates(model, bn_mode)
+    gates.begin_scoring(1 if shared else len(batches))
+    try:
+        outputs = _gated_forward(model, gates, batches, shared)
+        risks = torch.stack([F.cross_entropy(o.logits, o.y) for o in outputs])
+        grads = _risk_gradients(risks, gates, shared, retain_graph=False)
+    finally:
+        gates.end_scoring()
+        with torch.no_grad():
+            for name, buffer in model.named_buffers():
+                buffer.copy_(saved_buffers[name])
+    return risks.detach(), grads
+
+
+def _shared_gates(model: nn.Module, bn_mode: BnMode) -> bool:
+    """Whether the domains go through one shared gate vector (mixed mode with sample coupling)."""
+    if bn_mode not in BN_MODES:
+        raise ValueError(f"bn_mode must be one of {', '.join(BN_MODES)}, got {bn_mode!r}")
+    return bn_mode == "mixed" and mixes_samples(model)
+
+
+def _risk_gradients(risks: torch.Tensor, gates: GateSet, shared: bool, retain_graph: bool) -> torch.Tensor:
+    """[N, M] dR_i/dg. With per-domain copies one autograd.grad of sum_i R_i separates the domains
+    (R_i only sees copy i); with one shared gate vector each domain needs its own."""
+    tensors = gates.domain_gate_tensors()
+    if not shared:
+        grads = torch.autograd.grad(risks.sum(), tensors, retain_graph=retain_graph)
+        return torch.cat(grads, dim=1).detach()
+    rows = []
+    for index in range(len(risks)):
+        keep = retain_graph or index < len(risks) - 1
+        rows.append(torch.cat(torch.autograd.grad(risks[index], tensors, retain_graph=keep), dim=1))
+    return torch.cat(rows, dim=0).detach()
+
+
+def _gated_forward(model: nn.Module, gates: GateSet, batches: Batches, shared: bool) -> list[DomainOutput]:
+    sizes = [len(y) for _, y in batches]
+    if shared:  # mixed BatchNorm: one batch of all sources through the single gate copy
+        with gates.domain(0):
+            logits, features = forward_with_features(model, torch.cat([x for x, _ in batches]))
+    elif mixes_samples(model):
         outputs = []
         for index, (x, y) in enumerate(batches):
             with gates.domain(index):
                 logits, features = forward_with_features(model, x)
             outputs.append(DomainOutput(logits, features, y))
         return outputs
-    # No sample coupling: one forward of the whole batch, each sample gated by its domain's copy.
-    sizes = [len(y) for _, y in batches]
-    sample_domain = torch.repeat_interleave(torch.arange(len(batches)), torch.tensor(sizes))
-    with gates.domain(sample_domain.to(batches[0][0].device)):
-        logits, features = forward_with_features(model, torch.cat([x for x, _ in batches]))
+    else:  # no sample coupling: one forward of the whole batch, each sample gated by its domain's copy
+        sample_domain = torch.repeat_interleave(torch.arange(len(batches)), torch.tensor(sizes))
+        with gates.domain(sample_domain.to(batches[0][0].device)):
+            logits, features = forward_with_features(model, torch.cat([x for x, _ in batches]))
     return [
         DomainOutput(lg, ft, y)
         for lg, ft, (_, y) in zip(logits.split(sizes), features.split(sizes), batches, strict=True)

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from dgprune.errors import ConfigError
 from dgprune.experiments.records import ResultRecord
+from dgprune.pruning.criteria import criterion_label
+from dgprune.report.paired import paired_comparisons, paired_table
 from dgprune.report.table1 import Table, table1
 from dgprune.report.table2 import table2
 from dgprune.report.wins import WinCount, count_wins
@@ -133,7 +135,7 @@ def _table1_groups(records: list[ResultRecord]) -> dict[tuple[str, str, str], li
         algorithms_per_model[(dataset, model)] += 1
     chosen = {}
     for key, group in groups.items():
-        variants = {(r.criterion, r.alpha, r.keep_ratio) for r in group if r.criterion != "none"}
+        variants = {(_label(r), r.keep_ratio) for r in group if r.criterion != "none"}
         if variants and (len(variants) > 1 or algorithms_per_model[key[:2]] == 1):
             chosen[key] = group
     return chosen
@@ -161,9 +163,13 @@ def _table2_groups(records: list[ResultRecord]) -> dict[tuple[str, str], list[Re
             r
             for r in group
             if r.criterion == "none"
-            or (r.criterion == criterion and r.keep_ratio == ratio and r.alpha in (None, 1.0))
+            or (r.criterion == criterion and r.keep_ratio == ratio and _label(r) == criterion)  # defaults
         ]
     return chosen
+
+
+def _label(r: ResultRecord) -> str:
+    return criterion_label(r.criterion, r.criterion_params)
 
 
 def cell_key(r: ResultRecord) -> tuple:
@@ -174,7 +180,7 @@ def cell_key(r: ResultRecord) -> tuple:
         r.algorithm,
         r.finetune_algorithm,
         r.criterion,
-        r.alpha,
+        _label(r),
         r.keep_ratio,
         r.target_domain,
         r.seed,
@@ -266,6 +272,15 @@ def write_report(
         )
         report.sections.append(ReportSection(title, table2(group), _slug("table2", dataset, model)))
     report.wins = count_wins(records)
+    cross = paired_comparisons(records, _label)
+    if any(c.challenger != "ior" for c in cross):  # more than the paper's pair: a criteria study
+        intra = paired_comparisons(records, _label, metric="intra_acc")
+        title = (
+            "Every criterion against Taylor-FO, paired by seed and target domain: mean difference in "
+            "points, 95% CI, Wilcoxon signed-rank p (Holm-adjusted over the criteria of a row group); "
+            "'better'/'worse' = the CI excludes 0"
+        )
+        report.sections.append(ReportSection(title, paired_table(cross, intra), "paired_vs_taylor"))
     for section in report.sections:
         report.files += write_table(section.table, out_dir / section.stem, formats, section.title)
     if report.wins.comparisons:

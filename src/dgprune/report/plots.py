@@ -23,6 +23,7 @@ matplotlib.use("Agg")  # before pyplot: render to files, never to a window
 import matplotlib.pyplot as plt
 
 from dgprune.experiments.records import ResultRecord
+from dgprune.pruning.criteria import criterion_label
 from dgprune.report.cells import mean_se
 
 CRITERION_STYLE = {
@@ -35,18 +36,24 @@ CRITERION_STYLE = {
 _EXTRA_COLORS = ["tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"]
 
 
-def _styles(keys: list[tuple[str, float | None]]) -> dict[tuple[str, float | None], tuple[str, str, str]]:
-    """Label, colour and marker per (criterion, α): a criterion's own colour for its first α, then
-    distinct extra colours, so that no two lines look alike."""
+LineKey = tuple[str, str]  # (criterion, criterion_label: the name plus its non-default parameters)
+
+
+def _line_key(record: ResultRecord) -> LineKey:
+    return (record.criterion, criterion_label(record.criterion, record.criterion_params))
+
+
+def _styles(keys: list[LineKey]) -> dict[LineKey, tuple[str, str, str]]:
+    """Label, colour and marker per (criterion, parameters): a criterion's own colour for its first
+    parameter setting, then distinct extra colours, so that no two lines look alike."""
     styles, seen, extra = {}, set(), iter(_EXTRA_COLORS * 4)
-    for criterion, alpha in sorted(set(keys), key=_order):
-        label, color, marker = CRITERION_STYLE.get(criterion, (criterion, "", "x"))
-        if criterion == "ior" or (alpha is not None and alpha != 1.0):
-            label += f" (α={alpha if alpha is not None else 1.0:g})"
+    for criterion, label in sorted(set(keys), key=_order):
+        name, color, marker = CRITERION_STYLE.get(criterion, (criterion, "", "x"))
+        name += label[len(criterion) :]  # criterion_label = the criterion's name + " (parameters)"
         if criterion in seen or not color:
             color = next(extra)
         seen.add(criterion)
-        styles[(criterion, alpha)] = (label, color, marker)
+        styles[(criterion, label)] = (name, color, marker)
     return styles
 
 
@@ -62,11 +69,9 @@ def plot_accuracy_vs_filters(records: list[ResultRecord], path: Path, title: str
     """Records of one dataset × model × pretraining algorithm (dense + pruned); writes ``path``."""
     dense = [r for r in records if r.criterion == "none"]
     pruned = [r for r in records if r.criterion != "none"]
-    lines: dict[tuple[str, float | None], dict[float, list[ResultRecord]]] = defaultdict(
-        lambda: defaultdict(list)
-    )
+    lines: dict[LineKey, dict[float, list[ResultRecord]]] = defaultdict(lambda: defaultdict(list))
     for r in pruned:
-        lines[(r.criterion, r.alpha)][r.keep_ratio].append(r)
+        lines[_line_key(r)][r.keep_ratio].append(r)
     seeds = sorted({r.seed for r in records})
     targets = sorted({r.target_domain for r in records})
     styles = _styles(list(lines))
@@ -123,10 +128,10 @@ def plot_accuracy_vs_filters(records: list[ResultRecord], path: Path, title: str
     return path
 
 
-def _order(key: tuple[str, float | None]) -> tuple[int, str, float]:
-    criterion, alpha = key
+def _order(key: LineKey) -> tuple[int, str, str]:
+    criterion, label = key
     rank = list(CRITERION_STYLE).index(criterion) if criterion in CRITERION_STYLE else len(CRITERION_STYLE)
-    return (rank, criterion, alpha if alpha is not None else -1.0)
+    return (rank, criterion, label)
 
 
 def plot_layer_widths(
@@ -138,9 +143,9 @@ def plot_layer_widths(
         return None
     layers = [row[0] for row in widths[pruned[0].run_id]]
     dense_width = {row[0]: row[2] for row in widths[pruned[0].run_id]}
-    bars: dict[tuple[float, str, float | None], list[ResultRecord]] = defaultdict(list)
+    bars: dict[tuple[float, str, str], list[ResultRecord]] = defaultdict(list)
     for r in pruned:
-        bars[(r.keep_ratio, r.criterion, r.alpha)].append(r)
+        bars[(r.keep_ratio, *_line_key(r))].append(r)
     keys = sorted(bars, key=lambda k: (-k[0], _order((k[1], k[2]))))
     styles = _styles([(k[1], k[2]) for k in keys])
     n = len(keys) + 1
@@ -160,8 +165,8 @@ def plot_layer_widths(
         ratio: 1.0 - 0.45 * i for i, ratio in enumerate(sorted({k[0] for k in keys}, reverse=True))
     }
     for i, key in enumerate(keys, start=1):
-        ratio, criterion, alpha = key
-        label, color, _ = styles[(criterion, alpha)]
+        ratio, criterion, criterion_text = key
+        label, color, _ = styles[(criterion, criterion_text)]
         per_layer = [
             [next(w[1] for w in widths[r.run_id] if w[0] == name) for r in bars[key]] for name in layers
         ]

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from statistics import mean
 
 from dgprune.experiments.records import ResultRecord
+from dgprune.pruning.criteria import criterion_label
 from dgprune.report.cells import natural_key, pct_cell
 
 CRITERION_LABELS = {"taylor": "Taylor (baseline)", "ior": "IoR", "none": "before pruning"}
@@ -24,11 +25,11 @@ class Table:
         return "\n".join(lines)
 
 
-def _row_key(record: ResultRecord) -> tuple[float, int, str, float]:
+def _row_key(record: ResultRecord) -> tuple[float, int, str, str]:
     order = {"none": 0, "taylor": 1, "ior": 2}
-    # α separates IoR rows of a sweep over α (it is None for every other criterion).
-    alpha = record.alpha if record.alpha is not None else -1.0
-    return (-record.keep_ratio, order.get(record.criterion, 9), record.criterion, alpha)
+    # The label separates rows of one criterion with other parameters (a sweep over IoR's alpha).
+    label = criterion_label(record.criterion, record.criterion_params)
+    return (-record.keep_ratio, order.get(record.criterion, 9), record.criterion, label)
 
 
 def table1(records: list[ResultRecord]) -> Table:
@@ -59,7 +60,6 @@ def table1(records: list[ResultRecord]) -> Table:
 def _label(record: ResultRecord) -> str:
     if record.criterion == "none":
         return "dense (before pruning)"
-    name = CRITERION_LABELS.get(record.criterion, record.criterion)
-    if record.alpha is not None and record.alpha != 1.0:  # the paper's α = 1 is left implicit
-        name += f" (α={record.alpha:g})"
+    display = CRITERION_LABELS.get(record.criterion, record.criterion)
+    name = criterion_label(record.criterion, record.criterion_params, display)  # defaults left implicit
     return f"{record.keep_ratio:.0%} {name}"

@@ -1,7 +1,7 @@
 """IoR vs its baseline (Taylor-FO): wins, ties and losses on cross-domain accuracy.
 
 One comparison per (dataset, model, pretraining algorithm, fine-tuning objective, keep ratio, target
-domain, IoR's α): the mean over seeds of IoR's cross-domain accuracy against Taylor's, over the seeds
+domain, IoR's parameters): the mean over seeds of IoR's cross-domain accuracy against Taylor's, over the seeds
 both have (paired). A tie is an equal mean (to 1e-9; accuracies are counts over the same images).
 """
 
@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from statistics import mean
 
 from dgprune.experiments.records import ResultRecord
+from dgprune.pruning.criteria import criterion_label
 from dgprune.report.cells import natural_key, pct_cell
 from dgprune.report.table1 import Table
 
@@ -26,7 +27,7 @@ class Comparison:
     finetune_algorithm: str
     keep_ratio: float
     target: str
-    alpha: float | None
+    label: str  # the challenger's criterion_label: its name plus non-default parameters
     baseline: list[float]  # per seed, paired with ``challenger``
     challenger: list[float]
 
@@ -84,7 +85,7 @@ class WinCount:
                 f"{c.keep_ratio:.0%}",
                 c.target,
                 pct_cell(c.baseline),
-                pct_cell(c.challenger) + ("" if c.alpha in (None, 1.0) else f" (α={c.alpha:g})"),
+                pct_cell(c.challenger) + c.label.removeprefix(self.challenger),  # " (alpha=2)" or ""
                 f"{100 * c.delta:+.2f}",
                 c.outcome,
             ]
@@ -105,10 +106,10 @@ def count_wins(
         if r.criterion not in (challenger, baseline):
             continue
         key = (r.dataset, r.model, r.algorithm, r.finetune_algorithm or "erm", r.keep_ratio, r.target_domain)
-        groups[(*key, r.criterion, r.alpha)][r.seed] = r
+        groups[(*key, r.criterion, criterion_label(r.criterion, r.criterion_params))][r.seed] = r
     result = WinCount(metric, challenger, baseline)
     for key, challengers in groups.items():
-        *base_key, criterion, alpha = key
+        *base_key, criterion, label = key
         if criterion != challenger:
             continue
         baselines = next(
@@ -128,7 +129,7 @@ def count_wins(
                 finetune,
                 keep_ratio,
                 target,
-                alpha,
+                label,
                 [getattr(baselines[s], metric) for s in seeds],
                 [getattr(challengers[s], metric) for s in seeds],
             )

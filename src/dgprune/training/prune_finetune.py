@@ -1,7 +1,10 @@
 """Iterative pruning with fine-tuning (paper §3 and A.3), then selection of the best checkpoint at target.
 
-Every step forwards each source domain on its own, backpropagates ``mean_i R_i`` once (the ERM
-fine-tuning loss of the paper), scores all alive channels with the criterion, and steps SGD.
+Every step forwards one mini-batch per source domain (each on its own, or as one mixed batch:
+``bn_mode``, see pruning.scoring), backpropagates ``mean_i R_i`` (the ERM fine-tuning loss of the
+paper), scores all alive channels with the criterion, and steps SGD. A criterion that needs them
+(``ior_val``) also gets per-domain gate gradients of one source-validation mini-batch per domain,
+which never reach the parameters' gradients.
 The schedule removes channels every ``interval`` steps until ``keep_ratio`` of them remain;
 fine-tuning goes on afterwards. The reported model is the checkpoint with the best intra-domain
 validation accuracy among those that already have the target number of filters.
@@ -18,16 +21,18 @@ import torch
 from torch import nn
 
 from dgprune.algorithms import Algorithm, default_hparams, make_algorithm
-from dgprune.data import DomainBatches, LodoSplit
-from dgprune.pruning.criteria import ScoreInputs, ior_scores, make_criterion, taylor_scores
+from dgprune.data import Domain, DomainBatches, LodoSplit
+from dgprune.pruning.criteria import ScoreInputs, make_criterion, variance_term_share
 from dgprune.pruning.gates import GateSet
 from dgprune.pruning.groups import find_channel_groups
 from dgprune.pruning.oracle import loss_changes
 from dgprune.pruning.schedule import PruningSchedule
-from dgprune.pruning.scoring import per_domain_forward_backward
+from dgprune.pruning.scoring import gate_gradients, per_domain_forward_backward
 from dgprune.pruning.weight_stats import weight_statistics
 from dgprune.training.checkpoint import Checkpointer, rng_state, set_rng_state
+from dgprune.training.divergence import DivergenceGuard
 from dgprune.training.evaluation import intra_accuracy
+from dgprune.training.identity import Identity
 from dgprune.training.progress import ProgressCallback, ProgressEvent
 from dgprune.training.settings import PruneSettings
 
@@ -40,7 +45,8 @@ class PruneOutcome:
     best_step: int
     steps_run: int
     history: list[dict[str, float]] = field(default_factory=list)
-    # Mean over pruning steps of alpha*sum((dVar/dg)^2) / sum(IoR score): how much IoR's variance
+    # Mean over pruning steps of the variance term's share of the score (see criteria.variance_term_share;
+    # for criteria without one, alpha*sum((dVar/dg)^2) / sum(IoR score) at alpha 1): how much IoR's variance
     # term weighs against the Taylor term (0 means IoR would rank exactly as Taylor does).
     variance_term_share: float = 0.0
 
@@ -64,17 +70,20 @@ def prune_and_finetune(
     log_every: int = 25,
     checkpoint_dir: Path | None = None,
     checkpoint_every: int = 50,
+    checkpoint_identity: Identity | None = None,
 ) -> PruneOutcome:
     """Prune ``model`` (masks, in place) to ``settings.keep_ratio`` of its filters while fine-tuning.
 
     With ``checkpoint_dir``, the whole state (weights, masks, schedule, optimiser, batch streams,
     RNGs, best checkpoint so far) is saved every ``checkpoint_every`` steps and a later call with
     the same arguments resumes from it, giving the same result as an uninterrupted run.
+    With ``checkpoint_identity``, only a checkpoint of that run is resumed (see Checkpointer).
+    A non-finite loss, risk, score or weight raises DivergenceError; nothing is saved after it.
     """
     torch.manual_seed(seed)
     groups = find_channel_groups(model, example_input.to(device), scope=settings.scope)
     gates = GateSet(model, groups).attach()
-    criterion = make_criterion(settings.criterion, alpha=settings.alpha, seed=seed)
+    criterion = make_criterion(settings.criterion, settings.criterion_params, seed=seed)
     schedule = PruningSchedule(
         gates.sizes,
         settings.keep_ratio,
@@ -87,13 +96,17 @@ def prune_and_finetune(
         model.parameters(), lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
     )
     batches = DomainBatches(split.train, settings.batch_size, seed=seed)
+    val_batches = None
+    if criterion.needs_val_gradients:
+        val_batches = _validation_batches(split, settings.batch_size, seed)
     algorithm = finetune_algorithm(model, len(split.train), settings, seed)
     objective = algorithm.objective if algorithm is not None else None
     total_steps = max(settings.steps, schedule.steps_to_target() + 1)
     best_val, best_step, best_state = -1.0, 0, None
     history: list[dict[str, float]] = []
     shares: list[float] = []
-    checkpointer = Checkpointer(checkpoint_dir, checkpoint_every)
+    checkpointer = Checkpointer(checkpoint_dir, checkpoint_every, checkpoint_identity)
+    guard = DivergenceGuard("prune", settings.lr, checkpointer)
     start = 1
     if (saved := checkpointer.load()) is not None:
         gates.set_alive(saved["alive"].to(gates.alive[0].device))
@@ -101,6 +114,8 @@ def prune_and_finetune(
         optimizer.load_state_dict(saved["optimizer"])
         schedule.load_state_dict(saved["schedule"])
         batches.load_state_dict(saved["batches"])
+        if val_batches is not None:
+            val_batches.load_state_dict(saved["val_batches"])
         set_rng_state(saved["rng"])
         if algorithm is not None:
             algorithm.load_state_dict(saved["algorithm"])
@@ -114,13 +129,21 @@ def prune_and_finetune(
     for step in range(start, total_steps + 1):
         minibatches = [(x.to(device), y.to(device)) for x, y in batches.next()]
         optimizer.zero_grad(set_to_none=True)
-        out = per_domain_forward_backward(model, gates, minibatches, objective)
+        out = per_domain_forward_backward(model, gates, minibatches, objective, settings.bn_mode)
+        guard.check_value(step, "loss", out.loss)
+        guard.check_tensor(step, "per-domain risks", out.risks)
         if not schedule.done:
             inputs = _score_inputs(model, gates, out, criterion.needs_weights)
             if criterion.needs_loss_changes:  # before the update: the loss at these weights
                 inputs = replace(inputs, loss_change=loss_changes(model, gates, minibatches))
-            schedule.observe(criterion.score(inputs))
-            shares.append(_variance_share(inputs, settings.alpha))
+            if val_batches is not None:  # also before the update; trains nothing (see gate_gradients)
+                held_out = [(x.to(device), y.to(device)) for x, y in val_batches.next()]
+                val_risks, val_grads = gate_gradients(model, gates, held_out, settings.bn_mode)
+                inputs = replace(inputs, val_domain_grads=val_grads, val_risks=val_risks)
+            scores = criterion.score(inputs)
+            guard.check_tensor(step, "pruning scores", scores)  # NaN would rank channels by position
+            schedule.observe(scores)
+            shares.append(variance_term_share(criterion, inputs))
         optimizer.step()
         reached_now = False
         chosen = schedule.step()
@@ -131,6 +154,7 @@ def prune_and_finetune(
         evaluate_now = at_target and (reached_now or step % settings.eval_every == 0 or step == total_steps)
         val = None
         if evaluate_now:
+            guard.check_weights(step, model)  # never select a diverged model
             val = intra_accuracy(model, split, device)
             history.append({"step": step, "loss": out.loss, "val_acc": val, "alive": gates.num_alive()})
             if val > best_val:
@@ -150,6 +174,7 @@ def prune_and_finetune(
                 )
             )
         if checkpointer.due(step):
+            guard.check_weights(step, model)  # the checkpoint on disk stays the last good one
             checkpointer.save(
                 {
                     "step": step,
@@ -159,6 +184,7 @@ def prune_and_finetune(
                     "optimizer": optimizer.state_dict(),
                     "schedule": schedule.state_dict(),
                     "batches": batches.state_dict(),
+                    "val_batches": val_batches.state_dict() if val_batches is not None else None,
                     "rng": rng_state(),
                     "algorithm": algorithm.state_dict() if algorithm is not None else None,
                     "criterion_rng": criterion.generator.get_state()
@@ -177,9 +203,17 @@ def prune_and_finetune(
     return PruneOutcome(gates, best_state, best_val, best_step, total_steps, history, share)
 
 
-def _variance_share(inputs: ScoreInputs, alpha: float) -> float:
-    ior = ior_scores(inputs, alpha).sum()
-    return float((ior - taylor_scores(inputs).sum()) / ior) if ior > 0 else 0.0
+def _validation_batches(split: LodoSplit, batch_size: int, seed: int) -> DomainBatches:
+    """One held-out source-validation mini-batch per domain each step (criteria such as ior_val).
+
+    Evaluation transform (no augmentation: the risk of held-out data as it is), and a stream seeded
+    apart from the training batches'.
+    """
+    domains = [Domain(d.name, d.images, d.labels, None, d.eval_transform) for d in split.val]
+    return DomainBatches(domains, batch_size, seed=_VAL_SEED_OFFSET + seed)
+
+
+_VAL_SEED_OFFSET = 7919  # any constant: the validation stream must not replay the training stream's draws
 
 
 def finetune_algorithm(

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dgprune.algorithms import ALGORITHMS
-from dgprune.pruning.criteria import CRITERIA
+from dgprune.errors import ConfigError
+from dgprune.pruning.criteria import (
+    CRITERIA,
+    REGISTRY,
+    criterion_param_defaults,
+    criterion_param_names,
+    validate_criterion_params,
+)
+from dgprune.pruning.scoring import BnMode
 
 
 class _Strict(BaseModel):
@@ -49,7 +57,16 @@ class PruneSettings(_Strict):
     finetune_hparams: dict[str, float | int | None] = Field(
         default_factory=dict, description="hyper-parameters of the fine-tuning objective"
     )
-    alpha: float = Field(1.0, ge=0, description="weight of IoR's variance term (paper: 1)")
+    criterion_params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the criterion's own parameters, e.g. ior: {alpha: 1, alpha_mode: fixed, share: 1} "
+        "(see docs/criteria.md); defaults filled in",
+    )
+    bn_mode: BnMode = Field(
+        "per_domain",
+        description="train-mode BatchNorm while pruning: per_domain normalises each source alone, "
+        "mixed normalises over all sources (as pretraining; N extra gate backward passes)",
+    )
     keep_ratio: float = Field(0.5, gt=0, le=1, description="share of prunable filters that remain")
     scope: Literal["all", "internal"] = Field("all", description="all: also residual-coupled channels")
     interval: int = Field(30, ge=1, description="mini-batches between pruning steps")
@@ -83,3 +100,61 @@ class PruneSettings(_Strict):
     @classmethod
     def _check_finetune_algorithm(cls, value: str) -> str:
         return _known_algorithm(value)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _place_criterion_params(cls, data: Any) -> Any:
+        """Old configs (and every file `dgprune config` wrote) set ``alpha`` at the top: it moves into
+        ``criterion_params``. A parameter at its default that the chosen criterion does not take (what
+        a dumped IoR config holds after ``--criterion taylor``) is dropped; any other is an error."""
+        if not isinstance(data, dict):
+            return data
+        criterion = data.get("criterion", cls.model_fields["criterion"].default)
+        if criterion not in REGISTRY:
+            data = dict(data)
+            data.pop("alpha", None)
+            return data  # the criterion's own validator reports it
+        params = data.get("criterion_params")
+        if params is None:
+            params = {}
+        if not isinstance(params, dict):
+            raise ConfigError(f"prune.criterion_params must be a mapping of name: value, got {params!r}")
+        params = dict(params)
+        if "alpha" in data:
+            alpha = data["alpha"]
+            if "alpha" in params and params["alpha"] != alpha:
+                raise ConfigError(
+                    f"prune.alpha ({alpha}) and prune.criterion_params.alpha ({params['alpha']}) disagree; "
+                    "give alpha in prune.criterion_params only"
+                )
+            params["alpha"] = alpha
+        taken = criterion_param_names(criterion)
+        if "alpha" in data and "alpha" not in taken and not _is_some_default("alpha", data["alpha"]):
+            takers = [name for name in CRITERIA if "alpha" in criterion_param_names(name)]
+            raise ConfigError(
+                f"prune.alpha ({data['alpha']}) is a parameter of {', '.join(takers)}, "
+                f"not of criterion {criterion!r}; remove it"
+            )
+        for key in [k for k in params if k not in taken]:
+            if _is_some_default(key, params[key]):
+                del params[key]
+        data = {k: v for k, v in data.items() if k != "alpha"}
+        data["criterion_params"] = params
+        return data
+
+    @model_validator(mode="after")
+    def _check_criterion_params(self) -> PruneSettings:
+        try:
+            self.criterion_params = validate_criterion_params(self.criterion, self.criterion_params)
+        except ConfigError as err:
+            raise ConfigError(f"prune.criterion_params: {err}") from None
+        return self
+
+
+def _is_some_default(key: str, value: Any) -> bool:
+    """Whether ``value`` is the default of parameter ``key`` of some criterion that takes it."""
+    for name in CRITERIA:
+        defaults = criterion_param_defaults(name)
+        if key in defaults and type(value) is not bool and value == defaults[key]:
+            return True
+    return False
