@@ -6,6 +6,7 @@ import inspect
 from collections.abc import Callable
 
 from dgprune.data.batches import DomainBatches, iterate_batches, probe_batch
+from dgprune.data.digit_styles import load_colored_digits, load_styled_digits
 from dgprune.data.digits import load_rotated_digits
 from dgprune.data.domains import Domain, ImageStore, MultiDomainDataset
 from dgprune.data.image_folder import NAMED_DATASETS, SkippedImagesWarning, load_image_folder, named_loader
@@ -25,6 +26,8 @@ RESULT_NEUTRAL_OPTIONS = frozenset(
 
 _DATASETS: dict[str, DatasetLoader] = {
     "rotated_digits": load_rotated_digits,
+    "styled_digits": load_styled_digits,
+    "colored_digits": load_colored_digits,
     "rotated_mnist": load_rotated_mnist,
     "colored_mnist": load_colored_mnist,
     **{key: named_loader(key) for key in NAMED_DATASETS},
@@ -75,11 +78,13 @@ __all__ = [
     "SkippedImagesWarning",
     "dataset_names",
     "iterate_batches",
+    "load_colored_digits",
     "load_colored_mnist",
     "load_dataset",
     "load_image_folder",
     "load_rotated_digits",
     "load_rotated_mnist",
+    "load_styled_digits",
     "make_lodo_split",
     "probe_batch",
     "read_idx",
