@@ -20,7 +20,6 @@ def fake_record(run_id: str, seed: int = 0, criterion: str = "taylor", cross: fl
         model="m",
         algorithm="erm",
         criterion=criterion,
-        alpha=None,
         keep_ratio=0.5,
         seed=seed,
         intra_acc=0.9,
@@ -160,3 +159,50 @@ def test_database_of_an_older_version_gets_new_record_columns(tmp_path):
     with Store(path) as store:
         store.record_done("u000", RunResult(fake_record("u000")))
         assert store.records() == [fake_record("u000")]
+
+
+def test_a_unit_whose_workers_keep_dying_is_failed_not_handed_on(tmp_path):
+    """Within a sweep, a unit whose worker died on its third attempt is failed (with why), so a unit
+    that kills its worker (e.g. out of memory) cannot take down every worker in turn."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    with Store(tmp_path / "db.sqlite") as store:
+        store.register(make_units(2))
+        for attempt in range(1, 4):
+            claim = store.claim("w", pid=dead.pid)
+            assert claim is not None and claim.unit_id == "u000"
+            store.mark_running(claim.run_ids[:1])
+            taken_back = store.reclaim_stale(stale_after_s=60, max_attempts=3)
+            assert taken_back == ([] if attempt == 3 else ["u000"])
+        units = {u["unit_id"]: u for u in store.units()}
+        assert units["u000"]["status"] == "failed" and units["u000"]["attempts"] == 3
+        assert f"pid {dead.pid}) died while running this unit, after 3 attempt(s)" in units["u000"]["error"]
+        assert {r["status"] for r in store.rows() if r["unit_id"] == "u000"} == {"failed"}
+        assert units["u001"]["status"] == "pending"
+        # Without a limit (on start), the same unit would be taken back again.
+        store.reset_failed()
+        store.claim("w", pid=dead.pid)
+        assert store.reclaim_stale(stale_after_s=60) == ["u000"]
+
+
+def test_requeue_and_count_units(tmp_path):
+    with Store(tmp_path / "db.sqlite") as store:
+        store.register(make_units(3))
+        for _ in range(3):
+            claim = store.claim("w")
+            for run_id in claim.run_ids:
+                store.record_done(run_id, RunResult(fake_record(run_id)))
+            store.finish_unit(claim.unit_id)
+        store.conn.execute("UPDATE units SET status = 'running' WHERE unit_id = 'u002'")  # held by a peer
+        assert store.count_units("done") == 2 and store.count_units("running", ["u000", "u002"]) == 1
+        # A done run of u000 and of the held u002; u001-r0 is asked twice; "nope" does not exist.
+        assert store.requeue(["u000-r1", "u001-r0", "u001-r0", "u002", "nope"]) == 2
+        status = {r["run_id"]: r["status"] for r in store.rows()}
+        assert [k for k, v in status.items() if v != "done"] == ["u000-r1", "u001-r0"]
+        assert {u["unit_id"]: u["status"] for u in store.units()} == {
+            "u000": "pending",
+            "u001": "pending",
+            "u002": "running",
+        }
+        # The next claim runs only the requeued run of the unit.
+        assert store.claim("w").run_ids == ["u000-r1"]

@@ -15,6 +15,7 @@ from rich.table import Table as RichTable
 from dgprune.errors import ConfigError
 from dgprune.experiments.store import Store
 from dgprune.experiments.sweep import load_sweep, run_sweep, sweep_records, sweep_status
+from dgprune.pruning.criteria import criterion_label
 from dgprune.report.export import FORMATS, write_report
 from dgprune.report.table1 import Table
 
@@ -68,11 +69,17 @@ def sweep(
     console.print(
         f"done {counts['done']}/{total}, failed {counts['failed']}, pending {counts['pending']} "
         f"in {_duration(outcome.wall_s)}"
+        + (f", still running {counts['running']}" if counts["running"] else "")
     )
+    if outcome.rerun:
+        console.print(f"ran again {len(outcome.rerun)} finished run(s) whose model directory was missing")
     for row in outcome.failed[:10]:
         console.print(f"  failed {row['run_id']}: {_last_line(row['error'])}")
     if counts["failed"]:
         console.print("see `dgprune status` for the errors; the same `dgprune sweep` command retries them")
+        raise typer.Exit(1)
+    if counts["pending"] or counts["running"]:  # every worker died: not a finished sweep
+        console.print("the sweep stopped before every run finished; the same command resumes it")
         raise typer.Exit(1)
 
 
@@ -169,9 +176,8 @@ def _print_table(table: Table, title: str) -> None:
 
 
 def _describe_row(row: dict) -> str:
-    what = "dense" if row["kind"] == "dense" else f"{row['criterion']} keep {row['keep_ratio']:g}"
-    if row.get("alpha") not in (None, 1.0):
-        what += f" α={row['alpha']:g}"
+    label = criterion_label(row["criterion"], row.get("criterion_params"))  # rows() fills it in, old DBs too
+    what = "dense" if row["kind"] == "dense" else f"{label} keep {row['keep_ratio']:g}"
     if row.get("finetune_algorithm") not in (None, "erm"):
         what += f" ft {row['finetune_algorithm']}"
     return f"target {row['target_domain']} seed {row['seed']} {row['algorithm']} {what}"

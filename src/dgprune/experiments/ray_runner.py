@@ -8,6 +8,12 @@ Design (see docs/experiments.md):
 - Each unit is one Ray task (``num_cpus`` = ``cpus_per_task``) that calls
   :func:`dgprune.experiments.sweep.execute_unit` with a list sink and returns the list of
   started / done / failed events, which the driver replays into the database.
+- A task lost with its worker or node (a node that dies, a worker killed for memory) is run again
+  by Ray (``max_retries`` = :data:`RAY_TASK_RETRIES`) on a live node; the driver still holds the
+  unit meanwhile, and records the events of the one attempt that returns, so every run is recorded
+  exactly once. A task that fails even so fails its unit, with Ray's error.
+- Between tasks the driver also takes back units that other sweep processes on the same database
+  hold under a dead claim, and waits for the ones they hold alive (as local workers do).
 - Model directories and mid-stage checkpoints are written by the task under the sweep directory.
   Results never depend on it, but for a killed sweep to resume *from checkpoints* (rather than
   recompute a unit from scratch, to the same numbers), the sweep directory must be on a file system
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +36,19 @@ from dgprune.errors import ConfigError
 from dgprune.experiments.config import RunConfig
 from dgprune.experiments.store import Store
 from dgprune.experiments.sweep import (
+    MAX_UNIT_ATTEMPTS,
     ListSink,
     StoreSink,
     Sweep,
     _error_text,
     execute_unit,
+    reclaim_dead,
     unit_configs,
 )
+
+# Ray re-runs a task whose worker process or node died (not one that raised: units report their own
+# errors as events). A retried unit resumes from its checkpoints when the sweep directory is shared.
+RAY_TASK_RETRIES = 3
 
 
 def _import_ray() -> Any:
@@ -91,10 +104,13 @@ def unit_task(
 def run_units_ray(
     sweep: Sweep, address: str, cpus_per_task: int = 1, quiet: bool = False, only: list[str] | None = None
 ) -> int:
-    """Run every pending unit of the (registered) sweep as Ray tasks; returns how many ran."""
+    """Run every pending unit of the (registered) sweep as Ray tasks; returns how many ran.
+
+    Returns once no unit (of ``only``) is pending or running, as :func:`sweep.worker_loop` does.
+    """
     ray = connect(address)
-    remote = ray.remote(num_cpus=cpus_per_task, max_retries=0)(unit_task)
-    capacity = max(1, int(ray.cluster_resources().get("CPU", 1) // cpus_per_task))
+    remote = ray.remote(num_cpus=cpus_per_task, max_retries=RAY_TASK_RETRIES)(unit_task)
+    options = sweep.options
     echo = None if quiet else (lambda line: print(f"[ray] {line}", flush=True))
     in_flight: dict[Any, str] = {}
     held: set[str] = set()
@@ -103,7 +119,7 @@ def run_units_ray(
 
     def beat() -> None:  # the driver vouches for the units its tasks hold
         with Store(sweep.db_path) as beat_store:
-            while not stop.wait(sweep.options.heartbeat_s):
+            while not stop.wait(options.heartbeat_s):
                 with contextlib.suppress(Exception):  # a missed beat is harmless
                     beat_store.heartbeat(list(held))
 
@@ -113,6 +129,9 @@ def run_units_ray(
         with Store(sweep.db_path) as store:
             sink = StoreSink(store, echo)
             while True:
+                reclaim_dead(store, options.stale_after_s, echo, MAX_UNIT_ATTEMPTS)
+                # Asked each round: nodes that join (or die) change how many tasks can run at once.
+                capacity = max(1, int(ray.cluster_resources().get("CPU", 1) // cpus_per_task))
                 while len(in_flight) < capacity and (claim := store.claim("ray", only=only)) is not None:
                     pretrain_config, runs = unit_configs(store, claim.unit_id)
                     store.mark_running(claim.run_ids)
@@ -127,18 +146,22 @@ def run_units_ray(
                     in_flight[ref] = claim.unit_id
                     held.add(claim.unit_id)
                 if not in_flight:
-                    break
-                ready, _ = ray.wait(list(in_flight), num_returns=1)
-                unit_id = in_flight.pop(ready[0])
-                try:
-                    events = ray.get(ready[0])
-                except Exception as err:
-                    store.fail_unit(unit_id, f"ray task failed: {_error_text(err)}")
-                else:
-                    ListSink(events).replay(sink)
-                    store.finish_unit(unit_id)
-                held.discard(unit_id)
-                ran += 1
+                    if not store.count_units("running", only):
+                        break
+                    time.sleep(options.poll_s)  # units held by another sweep process
+                    continue
+                ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=options.poll_s)
+                for ref in ready:
+                    unit_id = in_flight.pop(ref)
+                    try:
+                        events = ray.get(ref)
+                    except Exception as err:  # lost even after Ray's retries, or could not start
+                        store.fail_unit(unit_id, f"ray task failed: {_error_text(err)}")
+                    else:
+                        ListSink(events).replay(sink)
+                        store.finish_unit(unit_id)
+                    held.discard(unit_id)
+                    ran += 1
     finally:
         stop.set()
         beater.join()

@@ -30,7 +30,8 @@ from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from dgprune.experiments.records import ResultRecord
+from dgprune.errors import DgpruneError
+from dgprune.experiments.records import ResultRecord, legacy_criterion_params
 
 STATUSES = ("pending", "running", "done", "failed")
 BUSY_TIMEOUT_MS = 60_000
@@ -72,7 +73,7 @@ CREATE TABLE IF NOT EXISTS runs (
     algorithm TEXT,
     finetune_algorithm TEXT,
     criterion TEXT,
-    alpha REAL,
+    criterion_params TEXT,
     keep_ratio REAL,
     seed INTEGER,
     intra_acc REAL,
@@ -148,11 +149,30 @@ def pid_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
+def _open_problem(err: OSError | sqlite3.Error) -> str:
+    text = str(err.strerror if isinstance(err, OSError) and err.strerror else err)
+    if "readonly" in text or "read-only" in text.lower() or "unable to open" in text:
+        return f"{text} (dgprune writes to it and beside it: give a writable file on a local disk)"
+    if "not a database" in text:
+        return f"{text} (a damaged or foreign file: move it away)"
+    return text
+
+
 class Store:
     """A connection to the sweep database; one per process or thread (sqlite3 objects are not shared)."""
 
     def __init__(self, path: Path | str, timeout_ms: int = BUSY_TIMEOUT_MS) -> None:
         self.path = Path(path)
+        try:
+            self._open(timeout_ms)
+        except (OSError, sqlite3.Error) as err:  # read-only, not a database, a directory...: one line
+            if getattr(self, "conn", None) is not None:
+                self.conn.close()
+            raise DgpruneError(f"results database {self.path}: cannot open: {_open_problem(err)}") from None
+
+    def _open(self, timeout_ms: int) -> None:
+        if self.path.is_dir():
+            raise sqlite3.OperationalError("it is a directory")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # isolation_level=None: autocommit; transactions are explicit (BEGIN IMMEDIATE) where needed.
         self.conn = sqlite3.connect(self.path, timeout=timeout_ms / 1000, isolation_level=None)
@@ -216,7 +236,8 @@ class Store:
                 for spec in specs:
                     cur = db.execute(
                         "INSERT OR IGNORE INTO runs (run_id, unit_id, kind, position, config, status,"
-                        " dataset, target_domain, model, algorithm, finetune_algorithm, criterion, alpha,"
+                        " dataset, target_domain, model, algorithm, finetune_algorithm, criterion,"
+                        " criterion_params,"
                         " keep_ratio, seed) VALUES (?, ?, ?, ?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                         (
                             spec.run_id,
@@ -225,7 +246,7 @@ class Store:
                             run_pos + 1,
                             json.dumps(spec.config, sort_keys=True),
                             *(
-                                spec.labels.get(key)
+                                _label_column(key, spec.labels.get(key))
                                 for key in (
                                     "dataset",
                                     "target_domain",
@@ -233,7 +254,7 @@ class Store:
                                     "algorithm",
                                     "finetune_algorithm",
                                     "criterion",
-                                    "alpha",
+                                    "criterion_params",
                                     "keep_ratio",
                                     "seed",
                                 )
@@ -253,32 +274,78 @@ class Store:
 
     # -- claiming work ---------------------------------------------------------------------------
 
-    def reclaim_stale(self, stale_after_s: float, now: float | None = None) -> list[str]:
-        """Put back to pending every running unit whose worker is gone.
+    def reclaim_stale(
+        self, stale_after_s: float, now: float | None = None, max_attempts: int | None = None
+    ) -> list[str]:
+        """Put back to pending every running unit whose worker is gone; returns their ids.
 
         Gone = its heartbeat is older than ``stale_after_s``, or it ran on this host and its pid no
         longer exists (a SIGKILLed sweep is then resumed at once, without waiting for staleness).
+        With ``max_attempts``, a gone unit already claimed that many times is failed instead (with
+        why): a unit that kills its worker (e.g. out of memory) must not take down every worker in turn.
         """
         now = time.time() if now is None else now
         host = this_host()
         reclaimed = []
         with self.transaction() as db:
             for row in db.execute(
-                "SELECT unit_id, host, pid, heartbeat FROM units WHERE status = 'running'"
+                "SELECT unit_id, worker, host, pid, heartbeat, attempts FROM units WHERE status = 'running'"
             ).fetchall():
                 stale = row["heartbeat"] is None or now - row["heartbeat"] > stale_after_s
                 dead = row["host"] == host and row["pid"] is not None and not pid_alive(row["pid"])
-                if stale or dead:
-                    reclaimed.append(row["unit_id"])
-                    db.execute(
-                        "UPDATE units SET status = 'pending', worker = NULL, pid = NULL WHERE unit_id = ?",
-                        (row["unit_id"],),
+                if not (stale or dead):
+                    continue
+                if max_attempts is not None and row["attempts"] >= max_attempts:
+                    error = (
+                        f"worker {row['worker']} (host {row['host']}, pid {row['pid']}) "
+                        f"{'died' if dead else 'stopped beating'} while running this unit, after "
+                        f"{row['attempts']} attempt(s): not retried in this sweep (run it again to retry)"
                     )
-                    db.execute(
-                        "UPDATE runs SET status = 'pending' WHERE unit_id = ? AND status = 'running'",
-                        (row["unit_id"],),
-                    )
+                    for table in ("runs", "units"):
+                        db.execute(
+                            f"UPDATE {table} SET status = 'failed', error = ?, finished_at = ?"
+                            " WHERE unit_id = ? AND status != 'done'",
+                            (error, now, row["unit_id"]),
+                        )
+                    continue
+                reclaimed.append(row["unit_id"])
+                db.execute(
+                    "UPDATE units SET status = 'pending', worker = NULL, pid = NULL WHERE unit_id = ?",
+                    (row["unit_id"],),
+                )
+                db.execute(
+                    "UPDATE runs SET status = 'pending' WHERE unit_id = ? AND status = 'running'",
+                    (row["unit_id"],),
+                )
         return reclaimed
+
+    def count_units(self, status: str, only: Iterable[str] | None = None) -> int:
+        """How many units (of ``only``, if given) have this status."""
+        ids = None if only is None else set(only)
+        rows = self.conn.execute("SELECT unit_id FROM units WHERE status = ?", (status,)).fetchall()
+        return sum(ids is None or r["unit_id"] in ids for r in rows)
+
+    def requeue(self, run_ids: Iterable[str]) -> int:
+        """Done runs become pending again (e.g. their model directory was deleted), and so do their
+        units; returns how many runs were requeued. A unit another worker holds is left alone."""
+        count = 0
+        with self.transaction() as db:
+            for run_id in run_ids:
+                row = db.execute(
+                    "SELECT runs.unit_id FROM runs JOIN units ON units.unit_id = runs.unit_id"
+                    " WHERE run_id = ? AND runs.status = 'done' AND units.status != 'running'",
+                    (run_id,),
+                ).fetchone()
+                if row is None:
+                    continue
+                db.execute("UPDATE runs SET status = 'pending', error = NULL WHERE run_id = ?", (run_id,))
+                db.execute(
+                    "UPDATE units SET status = 'pending', error = NULL"
+                    " WHERE unit_id = ? AND status IN ('done', 'failed')",
+                    (row["unit_id"],),
+                )
+                count += 1
+        return count
 
     def reset_failed(self, only: list[str] | None = None) -> int:
         """Failed units (of ``only``, if given) and their failed runs become pending, to be retried."""
@@ -402,7 +469,10 @@ class Store:
             values["dense_intra_acc"] = result.dense.intra_acc
             values["dense_cross_acc"] = result.dense.cross_acc
             values["dense_per_domain_acc"] = result.dense.per_domain_acc
-        values = {k: json.dumps(v, sort_keys=True) if k in _JSON_COLUMNS else v for k, v in values.items()}
+        values = {
+            k: json.dumps(v, sort_keys=True, allow_nan=False) if k in _JSON_COLUMNS else v
+            for k, v in values.items()
+        }
         assignments = ", ".join(f"{name} = ?" for name in values)
         with self.transaction() as db:
             cur = db.execute(
@@ -435,10 +505,16 @@ class Store:
         return [row_to_record(row) for row in self.rows("done", run_ids)]
 
 
+def _label_column(key: str, value: Any) -> Any:
+    return json.dumps(value, sort_keys=True) if key in _JSON_COLUMNS and value is not None else value
+
+
 def _decode(row: dict[str, Any]) -> dict[str, Any]:
     for key in _JSON_COLUMNS:
         if row.get(key) is not None:
             row[key] = json.loads(row[key])
+    if "criterion" in row:  # a row of an older database has IoR's alpha in its own column instead
+        row["criterion_params"] = legacy_criterion_params(row.get("alpha"), row.get("criterion_params"))
     return row
 
 
@@ -450,4 +526,5 @@ def row_to_record(row: dict[str, Any]) -> ResultRecord:
         has_default = spec.default is not MISSING or spec.default_factory is not MISSING
         if value is not None or not has_default:
             values[name] = value
+    values["criterion_params"] = legacy_criterion_params(row.get("alpha"), row.get("criterion_params"))
     return ResultRecord(**values)

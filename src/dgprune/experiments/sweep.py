@@ -13,8 +13,10 @@ A sweep file (YAML/TOML/JSON) has three sections::
 Each grid mapping is a Cartesian product over its keys (dotted paths into RunConfig; a scalar is a
 one-value list). Every combination is resolved into a validated RunConfig; its id (``run_id()``) is
 the hash of the whole resolved config, so it depends neither on key order nor on how the value was
-given. Normalisations keep equivalent runs single: α is set to its default for every criterion but
-IoR (α is IoR's weight only), and ``prune.finetune_algorithm: same`` means the pretraining algorithm.
+given. Normalisations keep equivalent runs single: a criterion parameter that the grid varies
+(``prune.criterion_params.alpha: [1, 2]``, or the older ``prune.alpha``) applies to the grid's
+criteria that take it and is left out for the others (Taylor runs are not split by IoR's alpha), and
+``prune.finetune_algorithm: same`` means the pretraining algorithm.
 
 Runs that share a pretrained model (same ``pretrain_id()``) form one *unit*: a worker claims the
 unit, pretrains once (or reuses the finished pretraining), then runs every pruning of it. Stages
@@ -32,6 +34,7 @@ import json
 import multiprocessing
 import os
 import statistics
+import sys
 import threading
 import time
 import traceback
@@ -41,28 +44,41 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
 from dgprune.data import MultiDomainDataset
 from dgprune.errors import ConfigError
-from dgprune.experiments.config import RunConfig, _read_mapping, build_config, format_validation_error
+from dgprune.experiments.config import (
+    RunConfig,
+    _read_mapping,
+    build_config,
+    check_sections,
+    format_validation_error,
+)
 from dgprune.experiments.pipeline import (
+    METRICS_FILE,
     load_experiment_dataset,
     make_context,
     run_pretrain,
     run_prune,
 )
 from dgprune.experiments.records import ResultRecord
-from dgprune.experiments.store import RunResult, RunSpec, Store, pid_alive, this_host
+from dgprune.experiments.store import Claim, RunResult, RunSpec, Store, pid_alive, this_host
 from dgprune.models import build_model
-from dgprune.pruning.surgery import STRUCTURE_FILE
+from dgprune.pruning.criteria import REGISTRY, criterion_label, criterion_param_names
+from dgprune.pruning.surgery import STRUCTURE_FILE, WEIGHTS_FILE
 from dgprune.training.checkpoint import CHECKPOINT_FILE
 from dgprune.training.settings import PruneSettings
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 SAME_AS_PRETRAIN = "same"
-DEFAULT_ALPHA: float = PruneSettings.model_fields["alpha"].default
+DEFAULT_CRITERION: str = PruneSettings.model_fields["criterion"].default
+DEFAULT_STALE_AFTER_S = 120.0
+# A running sweep fails a unit whose worker died on this attempt (e.g. killed for memory each time)
+# rather than hand it to the next worker: one bad unit must not take down every worker in turn.
+MAX_UNIT_ATTEMPTS = 3
+MODEL_DIR_FILES = (WEIGHTS_FILE, STRUCTURE_FILE, METRICS_FILE)  # a finished model directory has them all
 
 
 class SweepOptions(BaseModel):
@@ -76,8 +92,30 @@ class SweepOptions(BaseModel):
     dir: str | None = Field(None, description="sweep directory, relative to the config file")
     heartbeat_s: float = Field(10.0, gt=0, description="seconds between a worker's liveness updates")
     stale_after_s: float = Field(
-        120.0, gt=0, description="a running unit whose heartbeat is older than this is reclaimed"
+        DEFAULT_STALE_AFTER_S,
+        gt=0,
+        description="a running unit whose heartbeat is older than this is taken back (its worker is "
+        "presumed dead; a dead process on this host is noticed at once)",
     )
+
+    @model_validator(mode="after")
+    def _stale_after_beats(self) -> SweepOptions:
+        # Shorter, and a live worker's unit (one late beat) would be taken back and run twice at once.
+        if self.stale_after_s <= 2 * self.heartbeat_s:
+            raise ValueError(
+                f"stale_after_s ({self.stale_after_s:g}) must be more than twice heartbeat_s "
+                f"({self.heartbeat_s:g})"
+            )
+        return self
+
+    @property
+    def poll_s(self) -> float:
+        return poll_interval(self.heartbeat_s, self.stale_after_s)
+
+
+def poll_interval(heartbeat_s: float, stale_after_s: float) -> float:
+    """How often an idle worker looks again for work and for units of dead workers."""
+    return min(heartbeat_s, stale_after_s / 4, 5.0)
 
 
 class SweepFile(BaseModel):
@@ -153,6 +191,7 @@ def load_sweep(config: str | Path, out: Path | None = None, device: str | None =
         spec = SweepFile.model_validate(_read_mapping(path))
     except ValidationError as err:
         raise ConfigError(f"{path}: invalid sweep file:\n{format_validation_error(err)}") from None
+    check_sections(spec.base, f"{path}: base")
     grids = spec.grid if isinstance(spec.grid, list) else [spec.grid]
     if out is not None:
         directory = out
@@ -173,7 +212,9 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node = tree
     for key in parents:
         child = node.get(key)
-        if not isinstance(child, dict):
+        if child is not None and not isinstance(child, dict):  # `data: pacs` with `data.name`: say so
+            raise ConfigError(f"grid key {dotted!r}: {key} is {child!r}, not a mapping")
+        if child is None:
             child = node[key] = {}
         node = child
     node[leaf] = value
@@ -193,13 +234,21 @@ def _dataset_of(config: RunConfig) -> MultiDomainDataset:
     return _dataset_cache[key]
 
 
-def _normalise(config: RunConfig) -> RunConfig:
-    """Equivalent runs get one id: α only weighs IoR's variance term."""
-    if config.prune.criterion != "ior" and config.prune.alpha != DEFAULT_ALPHA:
-        payload = config.model_dump()
-        payload["prune"]["alpha"] = DEFAULT_ALPHA
-        return RunConfig.model_validate(payload)
-    return config
+_PARAMS_KEY = "prune.criterion_params"
+
+
+def _criterion_param(key: str) -> str | None:
+    """The criterion parameter a grid key sets: ``prune.criterion_params.X``, or the older ``prune.alpha``."""
+    if key == "prune.alpha":
+        return "alpha"
+    return key.removeprefix(_PARAMS_KEY + ".") if key.startswith(_PARAMS_KEY + ".") else None
+
+
+def _foreign_param(param: str, criterion: Any, grid_criteria: list[str]) -> bool:
+    """A parameter the grid varies for some of its criteria, but not one of ``criterion``'s."""
+    if criterion not in REGISTRY or param in criterion_param_names(criterion):
+        return False
+    return any(param in criterion_param_names(c) for c in grid_criteria)
 
 
 def expand_grid(base: dict[str, Any], grids: list[dict[str, Any]]) -> list[RunConfig]:
@@ -215,12 +264,26 @@ def expand_grid(base: dict[str, Any], grids: list[dict[str, Any]]) -> list[RunCo
         for key, options in zip(keys, values, strict=True):
             if not options:
                 raise ConfigError(f"grid {number}: {key!r} has an empty list of values")
+        listed = values[keys.index("prune.criterion")] if "prune.criterion" in keys else []
+        grid_criteria = [c for c in listed if c in REGISTRY]
         for combo in itertools.product(*values):
             tree = _deep_copy(base)
             targets: list[str] | None = None
             for key, value in zip(keys, combo, strict=True):
                 if key == "target":
                     targets = None if value == "all" else [str(value)]
+                    continue
+                if key != _PARAMS_KEY and _criterion_param(key) is None:
+                    _set_dotted(tree, key, value)
+            criterion = (tree.get("prune") or {}).get("criterion", DEFAULT_CRITERION)
+            for key, value in zip(keys, combo, strict=True):  # criterion parameters, once it is known
+                if key == _PARAMS_KEY and isinstance(value, dict):
+                    value = {
+                        k: v for k, v in value.items() if not _foreign_param(k, criterion, grid_criteria)
+                    }
+                elif (param := _criterion_param(key)) is None or _foreign_param(
+                    param, criterion, grid_criteria
+                ):
                     continue
                 _set_dotted(tree, key, value)
             if tree.get("target") is not None:
@@ -239,7 +302,6 @@ def expand_grid(base: dict[str, Any], grids: list[dict[str, Any]]) -> list[RunCo
                         f"grid {number}: unknown target domain {target!r} of {dataset.name}; "
                         f"valid: {', '.join(dataset.domain_names)}"
                     )
-                resolved = _normalise(resolved)
                 by_id.setdefault(resolved.run_id(), resolved)
     return sorted(by_id.values(), key=_canonical_key)
 
@@ -256,7 +318,7 @@ def _canonical_key(c: RunConfig) -> tuple:
         -c.prune.keep_ratio,
         c.prune.criterion,
         c.prune.finetune_algorithm,
-        c.prune.alpha,
+        tuple(sorted(c.prune.criterion_params.items())),
         c.run_id(),
     )
 
@@ -280,7 +342,7 @@ def _labels(config: RunConfig, dense: bool = False) -> dict[str, Any]:
         "algorithm": config.pretrain.algorithm,
         "finetune_algorithm": None if dense else config.prune.finetune_algorithm,
         "criterion": "none" if dense else config.prune.criterion,
-        "alpha": None if dense or config.prune.criterion != "ior" else config.prune.alpha,
+        "criterion_params": {} if dense else dict(config.prune.criterion_params),
         "keep_ratio": 1.0 if dense else config.prune.keep_ratio,
         "seed": config.seed,
     }
@@ -340,9 +402,8 @@ class ListSink:
 
 
 def describe_result(r: ResultRecord) -> str:
-    what = "dense" if r.criterion == "none" else f"{r.criterion} keep {r.keep_ratio:g}"
-    if r.alpha not in (None, DEFAULT_ALPHA):
-        what += f" α={r.alpha:g}"
+    label = criterion_label(r.criterion, r.criterion_params)
+    what = "dense" if r.criterion == "none" else f"{label} keep {r.keep_ratio:g}"
     if r.finetune_algorithm not in (None, "erm"):
         what += f" ft {r.finetune_algorithm}"
     return (
@@ -522,6 +583,37 @@ def cuda_gpus(sweep: Sweep) -> int:
     return torch.cuda.device_count() if devices & {"cuda", "auto"} else 0
 
 
+def reclaim_dead(
+    store: Store, stale_after_s: float, echo: Callable[[str], None] | None, max_attempts: int | None
+) -> None:
+    """Take back the units of dead workers (see Store.reclaim_stale), saying so."""
+    for unit_id in store.reclaim_stale(stale_after_s, max_attempts=max_attempts):
+        if echo:
+            echo(f"took back unit {unit_id}: its worker is gone (dead process, or no heartbeat)")
+
+
+def claim_next(
+    store: Store,
+    worker: str,
+    only: list[str] | None,
+    stale_after_s: float,
+    poll_s: float,
+    echo: Callable[[str], None] | None = None,
+) -> Claim | None:
+    """The next unit to run, or None once every unit (of ``only``) is done or failed.
+
+    While none is pending but some are held by other workers (peers, other sweep processes), waits:
+    a live holder finishes its unit, a dead one's unit is taken back and claimed here, so a sweep
+    never ends with a unit left running under a dead claim.
+    """
+    while True:
+        reclaim_dead(store, stale_after_s, echo, MAX_UNIT_ATTEMPTS)
+        claim = store.claim(worker, only=only)
+        if claim is not None or not store.count_units("running", only):
+            return claim
+        time.sleep(poll_s)
+
+
 def worker_loop(
     db_path: str,
     sweep_dir: str,
@@ -532,18 +624,22 @@ def worker_loop(
     quiet: bool = False,
     only: list[str] | None = None,
     gpu: int | None = None,
+    stale_after_s: float = DEFAULT_STALE_AFTER_S,
 ) -> int:
-    """Claim units (of ``only``, if given) until none is pending; returns how many this worker ran.
+    """Claim units (of ``only``, if given) until all are done or failed; returns how many this ran.
 
-    ``gpu``: the CUDA device this worker's runs use (workers are spread over the GPUs)."""
+    Between units it takes back the units of dead workers (:func:`claim_next`); when nothing is
+    pending it waits for the units other workers hold. ``gpu``: the CUDA device this worker's runs
+    use (workers are spread over the GPUs)."""
     torch.set_num_threads(threads)
     if gpu is not None:
         torch.cuda.set_device(gpu)
     echo = None if quiet else (lambda line: print(f"[{worker}] {line}", flush=True))
+    poll_s = poll_interval(heartbeat_s, stale_after_s)
     done = 0
     with Store(db_path) as store, Heartbeat(Path(db_path), heartbeat_s) as beat:
         sink = StoreSink(store, echo)
-        while (claim := store.claim(worker, only=only)) is not None:
+        while (claim := claim_next(store, worker, only, stale_after_s, poll_s, echo)) is not None:
             beat.units = {claim.unit_id}
             try:
                 pretrain_config, runs = unit_configs(store, claim.unit_id)
@@ -561,6 +657,32 @@ class SweepOutcome:
     counts: dict[str, int]
     wall_s: float
     failed: list[dict[str, Any]]
+    rerun: list[str] = field(default_factory=list)  # finished runs whose model directory was gone
+
+
+def model_dir(sweep_dir: Path, kind: str, run_id: str) -> Path:
+    """Where a run's model lives: ``pretrained/<id>`` for a dense row, ``runs/<id>`` for a pruned one."""
+    return sweep_dir / ("pretrained" if kind == "dense" else "runs") / run_id
+
+
+def requeue_missing_models(store: Store, sweep: Sweep) -> list[str]:
+    """Finished runs of the sweep whose model directory is gone (or lacks a file) run again.
+
+    Their numbers are in the database, but the model is the product (and a unit's pretrained model
+    is also what its pruning runs start from), so the run is recomputed, to the same numbers.
+    """
+    missing = []
+    for row in store.rows("done", run_ids=sweep.run_ids()):
+        directory = model_dir(sweep.directory, row["kind"], row["run_id"])
+        if not all((directory / name).is_file() for name in MODEL_DIR_FILES):
+            missing.append(row["run_id"])
+    if not missing:
+        return []
+    store.requeue(missing)
+    requeued = store.rows("pending", run_ids=missing)  # not those of a unit another worker holds
+    for row in requeued:  # a leftover metrics.json would mark the stage done: it must run again
+        (model_dir(sweep.directory, row["kind"], row["run_id"]) / METRICS_FILE).unlink(missing_ok=True)
+    return [row["run_id"] for row in requeued]
 
 
 def run_sweep(
@@ -573,7 +695,9 @@ def run_sweep(
     """Register the grid, reclaim units of dead workers, run everything pending; resumable.
 
     Local: ``workers`` processes (1 runs in this process), each with cores // workers torch threads.
-    Ray: the same unit function as Ray tasks (see ray_runner.py).
+    Ray: the same unit function as Ray tasks (see ray_runner.py). Finished runs whose model
+    directory is gone run again. Returns once no unit of the sweep is pending or running: units
+    that other sweep processes hold are waited for, and taken back if their worker dies.
     """
     started = time.monotonic()
     gpus = cuda_gpus(sweep)
@@ -583,12 +707,16 @@ def run_sweep(
         register_sweep(store, sweep)
         store.reclaim_stale(sweep.options.stale_after_s)
         unit_ids = [unit.unit_id for unit in sweep.units()]
-        mine = set(unit_ids)
         if retry_failed:
             store.reset_failed(unit_ids)
-        pending = sum(u["status"] == "pending" and u["unit_id"] in mine for u in store.units())
+        rerun = requeue_missing_models(store, sweep)
+        pending = store.count_units("pending", unit_ids)
+        held = store.count_units("running", unit_ids)  # by another sweep process: wait for them
+    if rerun and not quiet:
+        print(f"{len(rerun)} finished run(s) lost their model directory; running them again", flush=True)
     threads = resolve_threads(sweep.options.threads, count)
-    count = min(count, pending)  # no idle workers (and none at all when everything is done)
+    # No idle workers, and none at all when everything is done; one waits for units held elsewhere.
+    count = min(count, max(pending, 1 if held else 0))
     if ray_address is not None:
         from dgprune.experiments.ray_runner import run_units_ray
 
@@ -605,13 +733,25 @@ def run_sweep(
             sweep.device,
             quiet,
             unit_ids,
+            None,
+            sweep.options.stale_after_s,
         )
     elif count > 1:
         _run_processes(sweep, count, threads, quiet, unit_ids, gpus)
     with Store(sweep.db_path) as store:
         rows = store.rows(run_ids=sweep.run_ids())
     counts = {s: sum(r["status"] == s for r in rows) for s in ("pending", "running", "done", "failed")}
-    return SweepOutcome(counts, time.monotonic() - started, [r for r in rows if r["status"] == "failed"])
+    failed = [r for r in rows if r["status"] == "failed"]
+    return SweepOutcome(counts, time.monotonic() - started, failed, rerun)
+
+
+def _worker_process(*args: Any) -> None:
+    """A worker process: Ctrl-C reaches every process of the terminal; the parent alone reports it
+    (one line), so a worker stops without a traceback. Its unit is reclaimed by the next run."""
+    try:
+        worker_loop(*args)
+    except KeyboardInterrupt:
+        sys.exit(130)
 
 
 def _run_processes(
@@ -621,7 +761,7 @@ def _run_processes(
     context = multiprocessing.get_context("spawn")
     processes = [
         context.Process(
-            target=worker_loop,
+            target=_worker_process,
             args=(
                 str(sweep.db_path),
                 str(sweep.directory),
@@ -632,6 +772,7 @@ def _run_processes(
                 quiet,
                 only,
                 i % gpus if gpus else None,
+                sweep.options.stale_after_s,
             ),
             name=f"dgprune-worker-{i}",
         )
