@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -13,15 +14,18 @@ from rich import box
 from rich.console import Console
 from rich.table import Table as RichTable
 
+from dgprune import __version__
 from dgprune.cli_sweep import register as register_sweep_commands
-from dgprune.errors import DgpruneError
+from dgprune.errors import ConfigError, DgpruneError
 from dgprune.experiments.config import RunConfig, build_config, dump_config
 from dgprune.experiments.demo import DEMO_CRITERIA, DEMO_KEEP_RATIOS, TABLE2_ALGORITHMS, run_demo, run_table2
 from dgprune.experiments.pipeline import load_model_dir, make_context, run_pretrain, run_prune
 from dgprune.experiments.records import write_records
+from dgprune.pruning.criteria import CRITERIA
 from dgprune.pruning.surgery import STRUCTURE_FILE, export_onnx
 from dgprune.report.table1 import Table, table1
 from dgprune.report.table2 import table2 as table2_report
+from dgprune.training.checkpoint import CHECKPOINT_FILE
 from dgprune.training.evaluation import evaluate
 from dgprune.training.progress import LinePrinter
 
@@ -33,6 +37,56 @@ app = typer.Typer(
 # Paper-style tables are wide: do not wrap them to 80 columns when output is not a terminal.
 console = Console() if sys.stdout.isatty() else Console(width=240)
 
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"dgprune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", is_eager=True, callback=_print_version, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    """Domain-generalized filter pruning: Taylor-FO and IoR criteria, leave-one-domain-out evaluation."""
+
+
+# What `main` prints after "interrupted:" on Ctrl-C; a command that can resume sets it when it starts.
+_interrupt_note: list[Callable[[], str]] = [
+    lambda: "stopped; finished work is kept, run the same command again to go on"
+]
+
+
+def _on_interrupt(note: Callable[[], str]) -> None:
+    _interrupt_note[0] = note
+
+
+def _stage_note(stage: str, out: Path) -> Callable[[], str]:
+    """Where an interrupted pretrain/prune stage left its checkpoint."""
+
+    def note() -> str:
+        path = out / CHECKPOINT_FILE
+        if path.is_file():
+            return f"{stage} stopped; checkpoint {path}; run the same command again to resume from it"
+        return f"{stage} stopped before its first checkpoint ({path}); the same command starts it again"
+
+    return note
+
+
+def _grid_note(out: Path) -> Callable[[], str]:
+    """Finished models of a demo/table2 grid stay in ``out``; the running stage's checkpoint too."""
+
+    def note() -> str:
+        found = sorted(out.rglob(CHECKPOINT_FILE), key=lambda p: p.stat().st_mtime) if out.is_dir() else []
+        where = f"checkpoint {found[-1]}" if found else "no checkpoint of the running stage yet"
+        return f"finished models are kept in {out}, {where}; run the same command again to resume"
+
+    return note
+
+
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="YAML/TOML file of settings (see `dgprune config`).")
 ]
@@ -40,6 +94,14 @@ TargetOpt = Annotated[str | None, typer.Option(help="Unseen target domain; the o
 SeedOpt = Annotated[int | None, typer.Option(help="Training seed (split, batches, init).")]
 DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda or auto (cuda when present).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines.")]
+OverwriteOpt = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite",
+        help="Replace the results, checkpoint and model of another run in --out (by default --out is "
+        "reused only by the same run, and another run is refused).",
+    ),
+]
 DataOpt = Annotated[
     str | None, typer.Option("--data", help="Dataset: rotated_digits, rotated_mnist, pacs, folder:/path, ...")
 ]
@@ -75,6 +137,22 @@ def _print_table(table: Table, title: str) -> None:
     for row in table.rows:
         rich_table.add_row(*row)
     console.print(rich_table)
+
+
+def _criterion_params(items: list[str] | None) -> dict[str, Any] | None:
+    """``--criterion-param KEY=VALUE`` flags as a mapping (numbers and booleans read as JSON, else text)."""
+    if not items:
+        return None
+    params: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--criterion-param expects KEY=VALUE (e.g. alpha=2), got {item!r}")
+        try:
+            params[key.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            params[key.strip()] = text
+    return params
 
 
 def _config(path: Path | None, **overrides: Any) -> RunConfig:
@@ -131,6 +209,7 @@ def demo(
     and 30% of its filters, compresses the selected models and prints the table. Re-running with
     the same --out resumes: finished models are not recomputed.
     """
+    _on_interrupt(_grid_note(out))
     target_list, overrides = _preset_args(targets, pretrain_steps, prune_steps)
     records = run_demo(
         out,
@@ -169,6 +248,7 @@ def table2(
     (as the paper) and with the algorithm's own objective (the paper's Q3 conjecture), and prints
     dense / pruned / Δ rows per algorithm. Resumable like `demo`.
     """
+    _on_interrupt(_grid_note(out))
     target_list, overrides = _preset_args(targets, pretrain_steps, prune_steps)
     algorithm_list = tuple(a.strip() for a in algorithms.split(","))
     records = run_table2(
@@ -206,9 +286,11 @@ def pretrain(
     ] = None,
     weights: Annotated[Path | None, typer.Option(help="Initial weights file (e.g. ImageNet).")] = None,
     steps: Annotated[int | None, typer.Option(help="Pretraining steps.")] = None,
+    overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Pretrain on the source domains with a DG algorithm; keep the best intra-domain val checkpoint."""
+    _on_interrupt(_stage_note("pretraining", out))
     cfg = _config(
         config,
         target=target,
@@ -220,7 +302,7 @@ def pretrain(
         model__weights=str(weights) if weights else None,
         pretrain__steps=steps,
     )
-    record = run_pretrain(make_context(cfg), out, _progress(quiet))
+    record = run_pretrain(make_context(cfg), out, _progress(quiet), overwrite=overwrite)
     write_records(out / "results.json", [record])
     _print_record(record)
 
@@ -239,12 +321,25 @@ def prune(
     download: DownloadOpt = False,
     skip_bad_images: SkipBadOpt = False,
     criterion: Annotated[
-        str | None, typer.Option(help="taylor, ior, random, l1, bn_scale or oracle (Eq. 1; small models).")
+        str | None,
+        typer.Option(help=f"One of {', '.join(CRITERIA)} (see docs/criteria.md; oracle: small models)."),
     ] = None,
     keep_ratio: Annotated[
         float | None, typer.Option(help="Share of prunable filters kept, in (0, 1].")
     ] = None,
-    alpha: Annotated[float | None, typer.Option(help="Weight of IoR's variance term.")] = None,
+    criterion_param: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--criterion-param",
+            metavar="KEY=VALUE",
+            help="A parameter of the criterion as KEY=VALUE; repeat the flag for several: e.g. alpha=2 "
+            "(IoR's weight), or alpha_mode=share and share=0.5 (see docs/criteria.md).",
+        ),
+    ] = None,
+    bn_mode: Annotated[
+        str | None,
+        typer.Option(help="per_domain (default: BatchNorm per source) or mixed (one batch of all sources)."),
+    ] = None,
     scope: Annotated[
         str | None, typer.Option(help="all (also residual-coupled channels) or internal.")
     ] = None,
@@ -257,9 +352,11 @@ def prune(
         typer.Option(help="Round every layer's final width to a multiple of this (8: faster kernels)."),
     ] = None,
     steps: Annotated[int | None, typer.Option(help="Fine-tuning steps in all.")] = None,
+    overwrite: OverwriteOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Prune + fine-tune a pretrained model, compress the selected checkpoint, evaluate it."""
+    _on_interrupt(_stage_note("pruning", out))
     cfg = _config(
         config,
         target=target,
@@ -268,13 +365,14 @@ def prune(
         data=_data_overrides(data, data_root, image_size, download, skip_bad_images),
         prune__criterion=criterion,
         prune__keep_ratio=keep_ratio,
-        prune__alpha=alpha,
+        prune__criterion_params=_criterion_params(criterion_param),
+        prune__bn_mode=bn_mode,
         prune__scope=scope,
         prune__finetune_algorithm=finetune_algorithm,
         prune__round_to=round_to,
         prune__steps=steps,
     )
-    record = run_prune(make_context(cfg), pretrained, out, _progress(quiet))
+    record = run_prune(make_context(cfg), pretrained, out, _progress(quiet), overwrite=overwrite)
     write_records(out / "results.json", [record])
     _print_record(record)
 
@@ -291,8 +389,16 @@ def evaluate_cmd(
     image_size: ImageSizeOpt = None,
     download: DownloadOpt = False,
     skip_bad_images: SkipBadOpt = False,
+    latency_batch: Annotated[
+        int,
+        typer.Option(min=1, help="Also time forward passes of this batch size (batch 1 is always timed)."),
+    ] = 1,
 ) -> None:
-    """Intra-, cross- and per-domain accuracy of a saved (dense or compressed) model, as JSON."""
+    """Intra-, cross- and per-domain accuracy of a saved (dense or compressed) model, its parameters,
+    MACs (batch 1) and measured latency (median of 20 eval-mode forwards, in ms), as JSON."""
+    from dgprune.experiments.sweep import measure_latency_ms
+    from dgprune.pruning.surgery import model_cost
+
     cfg = _config(
         config,
         target=target,
@@ -301,7 +407,15 @@ def evaluate_cmd(
         data=_data_overrides(data, data_root, image_size, download, skip_bad_images),
     )
     ctx = make_context(cfg)
-    acc = evaluate(ctx.load_model_dir(model_dir), ctx.split, ctx.device)
+    model = ctx.load_model_dir(model_dir)
+    acc = evaluate(model, ctx.split, ctx.device)
+    cost = model_cost(model, ctx.example_input)
+    # Times depend on the machine and its load: compare models measured in the same conditions.
+    example = ctx.example_input
+    latency = {
+        f"batch_{b}": measure_latency_ms(model, example.expand(b, *example.shape[1:]))
+        for b in sorted({1, latency_batch})
+    }
     print(
         json.dumps(
             {
@@ -310,10 +424,63 @@ def evaluate_cmd(
                 "cross_acc": acc.cross,
                 "worst_source_acc": acc.worst_source,
                 "per_domain_acc": acc.per_domain,
+                "params": cost.params,
+                "macs": cost.macs,
+                "latency_ms": latency,
+                "latency_device": str(ctx.device),
+                "latency_threads": torch.get_num_threads(),
             },
             indent=1,
         )
     )
+
+
+@app.command("analyze")
+def analyze_cmd(
+    model_dir: Annotated[Path, typer.Option("--model", help="A dgprune model directory (dense or pruned).")],
+    config: ConfigOpt = None,
+    target: TargetOpt = None,
+    seed: SeedOpt = None,
+    device: DeviceOpt = None,
+    data: DataOpt = None,
+    data_root: DataRootOpt = None,
+    image_size: ImageSizeOpt = None,
+    download: DownloadOpt = False,
+    skip_bad_images: SkipBadOpt = False,
+    channels: Annotated[
+        int | None,
+        typer.Option(help="Analyse a seeded sample of at most K channels (default: all <= 512, else 256)."),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per domain in the fixed batches.")] = 64,
+    out: Annotated[Path, typer.Option(help="JSON file to write.")] = Path("analysis.json"),
+) -> None:
+    """Does any source signal predict out-of-distribution importance? Measures, per channel, how much
+    the target risk rises when it is removed (the target oracle) and compares every criterion and
+    source-oracle signal with it (Spearman, lowest-k overlap). The target is used for analysis only.
+
+    Settings not given by flags or --config come from the model directory's run.json.
+    """
+    from dgprune.experiments import analysis
+
+    overrides: dict[str, Any] = {
+        "target": target,
+        "seed": seed,
+        "device": device,
+        "data": _data_overrides(data, data_root, image_size, download, skip_bad_images),
+    }
+    cfg = analysis.analysis_config(model_dir, config, overrides)
+    report = analysis.analyze_model(model_dir, cfg, channels, batch_size)
+    for line in analysis.summary_lines(report):
+        console.print(line, markup=False, highlight=False)
+    title = "Out-of-distribution importance: agreement with the target oracle"
+    rich_table = RichTable(title=title, box=box.SIMPLE_HEAVY)
+    for column in analysis.TABLE_HEADER:
+        rich_table.add_column(column, justify="left" if column == "signal" else "right")
+    for row in analysis.table_rows(report.result):
+        rich_table.add_row(*row)
+    console.print(rich_table)
+    analysis.write_report(report, out)
+    console.print(f"analysis: {out}  ({report.wall_time_s:.0f} s)", markup=False, highlight=False)
 
 
 @app.command("export")
@@ -324,6 +491,8 @@ def export_cmd(
     """Export a saved (dense or compressed) model to ONNX (dynamic batch size)."""
     model = load_model_dir(model_dir)
     shape = json.loads((model_dir / STRUCTURE_FILE).read_text())["input_shape"]
+    if not shape:
+        raise ConfigError(f"{model_dir / STRUCTURE_FILE}: no input_shape recorded: cannot trace the model")
     console.print(f"wrote {export_onnx(model, out, torch.zeros(1, *shape))}")
 
 
@@ -334,7 +503,10 @@ def config_cmd(
     """Print (or write) every setting with its default, as YAML: a starting point for --config."""
     text = dump_config(RunConfig())
     if out:
-        out.write_text(text)
+        try:
+            out.write_text(text)
+        except OSError as err:
+            raise ConfigError(f"--out {out}: cannot write the config there: {err.strerror}") from None
     else:
         print(text, end="")
 
@@ -352,18 +524,68 @@ register_sweep_commands(app)
 
 
 def main() -> None:
-    """Entry point: user errors print one line (no traceback) and exit with status 2."""
-    try:
-        app(standalone_mode=False)
-    except DgpruneError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    except (typer.Exit, SystemExit) as done:
-        sys.exit(getattr(done, "exit_code", getattr(done, "code", 0)))
-    except Exception as err:  # click's usage errors
-        import click
+    """Entry point. Exit status: 0 done, 1 a run failed, 2 a usage or config error, 130 Ctrl-C.
 
-        if isinstance(err, click.ClickException):
-            err.show()
-            sys.exit(err.exit_code)
-        raise
+    Every error a user can fix is one line starting with ``error:`` (no traceback).
+    """
+    try:
+        code = app(standalone_mode=False)
+    except KeyboardInterrupt:
+        code = 130
+    except DgpruneError as err:
+        _fail(str(err), getattr(err, "exit_code", 2))
+    except typer.Exit as done:  # raised through by some typer versions; returned by others
+        code = done.exit_code
+    except typer.Abort as abort:  # older typer (click's main) turns Ctrl-C into Abort
+        if isinstance(abort.__cause__ or abort.__context__, KeyboardInterrupt):
+            code = 130
+        else:
+            _fail("aborted (end of input)", 1)
+    except OSError as err:  # e.g. disk full or permission denied while a run writes its files
+        where = f"{err.filename}: " if err.filename else ""
+        _fail(f"{where}{err.strerror or err}", 1)
+    except Exception as err:
+        if not isinstance(err, _click_exception_types()):
+            raise  # a bug: keep the traceback
+        _usage_error(err)
+    if code == 130:
+        print(f"interrupted: {_interrupt_note[0]()}", file=sys.stderr)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _fail(message: str, code: int) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _click_exception_types() -> tuple[type, ...]:
+    """The ClickException class of the installed typer, without importing click.
+
+    Recent typer vendors click (``typer._click``), older typer uses click itself: either way it is
+    a base of ``typer.BadParameter``.
+    """
+    return tuple(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+def _usage_error(err: Exception) -> None:
+    """click's usage message (usage, hint and error on several lines) as one ``error:`` line."""
+    ctx = getattr(err, "ctx", None)
+    exit_code = int(getattr(err, "exit_code", 2))
+    if type(err).__name__ == "NoArgsIsHelpError":  # `dgprune` alone: the help, not an error line
+        text = err.format_message()  # type: ignore[attr-defined]  (empty where typer printed it already)
+        if text.strip():
+            print(text)
+        sys.exit(exit_code)
+    message = " ".join(err.format_message().split())  # type: ignore[attr-defined]
+    if ctx is not None:
+        command = ctx.command_path
+        if type(err).__name__ == "NoSuchOption":  # click's guesses alone can mislead (--bogus: --out?)
+            options = sorted({o for p in ctx.command.get_params(ctx) for o in p.opts if o.startswith("--")})
+            guesses = sorted(getattr(err, "possibilities", None) or [])
+            message = str(err.message)  # type: ignore[attr-defined]  (without click's guesses)
+            message += f"; did you mean {' or '.join(guesses)}?" if guesses else ""
+            message += f"; valid options: {', '.join(options)}"
+        elif message.startswith("No such command"):
+            message += f" Valid commands: {', '.join(ctx.command.list_commands(ctx))}."
+        message += f" (see '{command} --help')"
+    _fail(message, exit_code)

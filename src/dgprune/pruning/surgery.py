@@ -18,6 +18,7 @@ import torch_pruning as tp
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from dgprune.errors import DgpruneError, WeightsError
 from dgprune.pruning.gates import GateSet
 from dgprune.pruning.groups import build_dependency_graph
 
@@ -106,19 +107,132 @@ def save_compressed(
     (directory / STRUCTURE_FILE).write_text(json.dumps(structure, indent=1))
 
 
+# The arguments of build_model that a structure.json may give (never `weights`: the file holds them).
+BUILD_KEYS: dict[str, type] = {
+    "name": str,
+    "num_classes": int,
+    "in_channels": int,
+    "small_input": bool,
+}
+_REQUIRED_BUILD_KEYS = ("name", "num_classes", "in_channels")
+
+
 def load_compressed(
     directory: Path, build_model: Callable[..., nn.Module], example_input: torch.Tensor | None = None
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a model written by :func:`save_compressed`; returns it and its structure description."""
-    structure = json.loads((directory / STRUCTURE_FILE).read_text())
+    """Rebuild a model written by :func:`save_compressed`; returns it and its structure description.
+
+    A damaged directory (missing or truncated files, a structure.json that does not describe this
+    model, weights of other shapes) raises WeightsError naming the file and the problem.
+    """
+    structure_path = directory / STRUCTURE_FILE
+    structure = _read_structure_file(structure_path)
     if example_input is None:
         if not structure.get("input_shape"):
-            raise ValueError(f"{directory}: no input_shape recorded; pass example_input")
+            raise WeightsError(f"{structure_path}: no input_shape recorded; pass example_input")
         example_input = torch.zeros(1, *structure["input_shape"])
-    model = build_model(**structure["build"])
+    if example_input.shape[1] != structure["build"]["in_channels"]:
+        raise WeightsError(
+            f"{structure_path}: the model takes {structure['build']['in_channels']}-channel images, "
+            f"the data has {example_input.shape[1]} channels"
+        )
+    try:
+        model = build_model(**structure["build"])
+    except DgpruneError as err:  # e.g. an unknown model name: say which file asked for it
+        raise WeightsError(f"{structure_path}: build: {err}") from None
+    _check_pruned_channels(structure_path, model, structure["pruned_channels"])
     remove_channels(model, structure["pruned_channels"], example_input)
-    model.load_state_dict(load_file(str(directory / WEIGHTS_FILE)))
+    weights_path = directory / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise WeightsError(f"{weights_path}: missing (the model directory is incomplete)")
+    try:
+        state = load_file(str(weights_path))
+    except Exception as err:  # safetensors raises its own error types for a truncated or foreign file
+        detail = " ".join(str(err).split()) or type(err).__name__
+        raise WeightsError(f"{weights_path}: not a readable safetensors file ({detail})") from None
+    _check_state_fits(weights_path, model, state)
+    model.load_state_dict(state)
     return model, structure
+
+
+def _read_structure_file(path: Path) -> dict[str, Any]:
+    """structure.json, checked field by field: nothing in it reaches build_model unchecked."""
+    if not path.is_file():
+        raise WeightsError(f"{path}: missing (not a dgprune model directory)")
+    try:
+        structure = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise WeightsError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(structure, dict):
+        raise WeightsError(f"{path}: expected a JSON object with build, input_shape and pruned_channels")
+    build = structure.get("build")
+    if not isinstance(build, dict):
+        raise WeightsError(f"{path}: build: expected an object of {', '.join(BUILD_KEYS)}, got {build!r}")
+    unknown = sorted(set(build) - set(BUILD_KEYS))
+    if unknown:
+        valid = ", ".join(BUILD_KEYS)
+        raise WeightsError(f"{path}: build: unknown key(s) {', '.join(unknown)}; valid: {valid}")
+    for key in _REQUIRED_BUILD_KEYS:
+        if key not in build:
+            raise WeightsError(f"{path}: build: missing {key!r}")
+    for key, value in build.items():
+        expected = BUILD_KEYS[key]
+        if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
+            raise WeightsError(f"{path}: build.{key}: expected a {expected.__name__}, got {value!r}")
+    shape = structure.get("input_shape")
+    if shape is not None and not (
+        isinstance(shape, list) and shape and all(type(d) is int and d > 0 for d in shape)
+    ):
+        raise WeightsError(f"{path}: input_shape: expected positive integers [C, H, W], got {shape!r}")
+    pruned = structure.get("pruned_channels", {})
+    if not isinstance(pruned, dict) or not all(
+        isinstance(idxs, list) and all(type(i) is int for i in idxs) for idxs in pruned.values()
+    ):
+        raise WeightsError(f"{path}: pruned_channels: expected an object of layer name -> list of integers")
+    structure["pruned_channels"] = pruned
+    return structure
+
+
+def _check_pruned_channels(path: Path, model: nn.Module, pruned: dict[str, list[int]]) -> None:
+    """Every pruned index names an existing output channel of a conv of the model, at most once."""
+    modules = dict(model.named_modules())
+    for layer, idxs in pruned.items():
+        if not idxs:
+            continue
+        conv = modules.get(layer)
+        if not isinstance(conv, nn.Conv2d):
+            raise WeightsError(f"{path}: pruned_channels: {layer!r} is not a convolution of the model")
+        width = conv.out_channels
+        bad = [i for i in idxs if not 0 <= i < width]
+        if bad:
+            raise WeightsError(
+                f"{path}: pruned_channels: {layer}: channel index {bad[0]} is out of range "
+                f"(the layer has {width} channels, 0..{width - 1})"
+            )
+        if len(set(idxs)) != len(idxs):
+            raise WeightsError(f"{path}: pruned_channels: {layer}: a channel index is listed twice")
+        if len(idxs) >= width:
+            raise WeightsError(f"{path}: pruned_channels: {layer}: removes all {width} channels")
+
+
+def _check_state_fits(path: Path, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """One line on the first mismatch, instead of load_state_dict's multi-line RuntimeError."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        what = f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}"
+        extra = len(missing) + len(unexpected) - 1
+        raise WeightsError(
+            f"{path}: tensors do not match the architecture in {STRUCTURE_FILE}: {what}"
+            + (f" (and {extra} more)" if extra else "")
+        )
+    for key, tensor in expected.items():
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            raise WeightsError(
+                f"{path}: {key} has shape {tuple(state[key].shape)}, but the architecture in "
+                f"{STRUCTURE_FILE} needs {tuple(tensor.shape)}"
+            )
 
 
 def export_onnx(model: nn.Module, path: Path, example_input: torch.Tensor) -> Path:
