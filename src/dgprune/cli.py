@@ -19,7 +19,14 @@ from dgprune.cli_sweep import register as register_sweep_commands
 from dgprune.errors import ConfigError, DgpruneError
 from dgprune.experiments.config import RunConfig, build_config, dump_config
 from dgprune.experiments.demo import DEMO_CRITERIA, DEMO_KEEP_RATIOS, TABLE2_ALGORITHMS, run_demo, run_table2
-from dgprune.experiments.pipeline import load_model_dir, make_context, run_pretrain, run_prune
+from dgprune.experiments.pipeline import (
+    apply_test_env,
+    load_model_dir,
+    make_context,
+    model_dir_config,
+    run_pretrain,
+    run_prune,
+)
 from dgprune.experiments.records import write_records
 from dgprune.pruning.criteria import CRITERIA
 from dgprune.pruning.surgery import STRUCTURE_FILE, export_onnx
@@ -27,7 +34,8 @@ from dgprune.report.table1 import Table, table1
 from dgprune.report.table2 import table2 as table2_report
 from dgprune.training.checkpoint import CHECKPOINT_FILE
 from dgprune.training.evaluation import evaluate
-from dgprune.training.progress import LinePrinter
+from dgprune.training.history import require_tensorboard
+from dgprune.training.progress import ProgressCallback, ProgressFrontEnd, progress_front_end
 
 app = typer.Typer(
     add_completion=False,
@@ -46,12 +54,14 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     version: Annotated[
         bool,
         typer.Option("--version", is_eager=True, callback=_print_version, help="Print the version and exit."),
     ] = False,
 ) -> None:
     """Domain-generalized filter pruning: Taylor-FO and IoR criteria, leave-one-domain-out evaluation."""
+    ctx.call_on_close(_stop_progress)  # progress bars end with the command, whatever way it ends
 
 
 # What `main` prints after "interrupted:" on Ctrl-C; a command that can resume sets it when it starts.
@@ -90,10 +100,42 @@ def _grid_note(out: Path) -> Callable[[], str]:
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="YAML/TOML file of settings (see `dgprune config`).")
 ]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        metavar="KEY=VALUE",
+        help="Any setting of `dgprune config` by its dotted key, the value read as YAML; repeat for "
+        "several: e.g. --set prune.lr=0.01 --set pretrain.hparams.mmd_gamma=1. Validated as the config "
+        "file; wins over --config, loses to the dedicated flags.",
+    ),
+]
 TargetOpt = Annotated[str | None, typer.Option(help="Unseen target domain; the others are the sources.")]
+TestEnvOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--test-env",
+        help="The target by its index in the dataset's domain order (DomainBed's --test_envs), "
+        "instead of --target.",
+    ),
+]
 SeedOpt = Annotated[int | None, typer.Option(help="Training seed (split, batches, init).")]
 DeviceOpt = Annotated[str | None, typer.Option(help="cpu, cuda or auto (cuda when present).")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress lines.")]
+QuietOpt = Annotated[
+    bool,
+    typer.Option(
+        "--quiet", "-q", help="No progress (bars on a terminal, else a line every 25 steps and evaluation)."
+    ),
+]
+TensorBoardOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--tensorboard",
+        metavar="DIR",
+        help="Also log the training curves (loss, per-domain risks, val accuracy, filters alive) as "
+        "TensorBoard scalars under DIR, one run per model directory. Needs the tensorboard extra.",
+    ),
+]
 OverwriteOpt = Annotated[
     bool,
     typer.Option(
@@ -126,8 +168,33 @@ def _data_overrides(
     return {"name": data, "options": {k: v for k, v in options.items() if v is not None}}
 
 
-def _progress(quiet: bool, prefix: str = ""):
-    return None if quiet else LinePrinter(prefix)
+# The command's progress display (bars on a terminal, plain lines otherwise), started at its first stage.
+_front_end: list[ProgressFrontEnd] = []
+
+
+def _progress(quiet: bool, prefix: str = "") -> ProgressCallback | None:
+    if quiet:
+        return None
+    if not _front_end:
+        _front_end.append(progress_front_end().__enter__())
+    return _front_end[0].callback(prefix)
+
+
+def _stop_progress() -> None:
+    while _front_end:
+        _front_end.pop().__exit__(None, None, None)
+
+
+def _tensorboard(folder: Path | None) -> Path | None:
+    """--tensorboard: checked before any work (the package is an optional extra)."""
+    if folder is not None:
+        require_tensorboard()
+    return folder
+
+
+def _tensorboard_run(folder: Path | None, out: Path) -> Path | None:
+    """A pretrain/prune command's TensorBoard run: named after its --out directory."""
+    return _tensorboard(folder) / out.resolve().name if folder is not None else None
 
 
 def _print_table(table: Table, title: str) -> None:
@@ -155,7 +222,8 @@ def _criterion_params(items: list[str] | None) -> dict[str, Any] | None:
     return params
 
 
-def _config(path: Path | None, **overrides: Any) -> RunConfig:
+def _config(path: Path | None, sets: list[str] | None = None, **overrides: Any) -> RunConfig:
+    """Defaults <- ``path`` <- ``--set`` items <- the flags in ``overrides`` (``section__field=value``)."""
     nested: dict[str, Any] = {}
     for key, value in overrides.items():
         section, _, field = key.partition("__")
@@ -163,14 +231,25 @@ def _config(path: Path | None, **overrides: Any) -> RunConfig:
             nested.setdefault(section, {})[field] = value
         else:
             nested[section] = value
-    return build_config(path, nested)
+    return build_config(path, nested, sets=sets)
 
 
 TargetsOpt = Annotated[
     str | None, typer.Option(help="Comma-separated target domains (default: every domain).")
 ]
-PresetSeedOpt = Annotated[int, typer.Option(help="Training seed.")]
-PresetDeviceOpt = Annotated[str, typer.Option(help="cpu, cuda or auto.")]
+PresetSeedOpt = Annotated[int | None, typer.Option(help="Training seed (default: the config's, else 0).")]
+PresetDeviceOpt = Annotated[
+    str | None, typer.Option(help="cpu, cuda or auto (default: the config's, else auto).")
+]
+PresetConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="YAML/TOML file of settings on top of the preset's (the grid's targets, algorithms, "
+        "criteria and keep ratios come from this command's options).",
+    ),
+]
 PretrainStepsOpt = Annotated[int | None, typer.Option(help="Override the preset's pretraining steps.")]
 PruneStepsOpt = Annotated[int | None, typer.Option(help="Override the preset's fine-tuning steps.")]
 
@@ -197,10 +276,13 @@ def demo(
         "demo-out"
     ),
     targets: TargetsOpt = None,
-    seed: PresetSeedOpt = 0,
-    device: PresetDeviceOpt = "auto",
+    seed: PresetSeedOpt = None,
+    device: PresetDeviceOpt = None,
     pretrain_steps: PretrainStepsOpt = None,
     prune_steps: PruneStepsOpt = None,
+    config: PresetConfigOpt = None,
+    set_values: SetOpt = None,
+    tensorboard: TensorBoardOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Run the default experiment (paper Table 1, in small) on the embedded rotated digits.
@@ -220,9 +302,14 @@ def demo(
         device,
         overrides,
         progress_for=lambda label: _progress(quiet, label),
+        tensorboard=_tensorboard(tensorboard),
+        config_path=config,
+        sets=set_values,
     )
     first = records[0]
-    _write_table(out, table1(records), f"{first.model} on {first.dataset}: top-1 accuracy (%), seed {seed}")
+    _write_table(
+        out, table1(records), f"{first.model} on {first.dataset}: top-1 accuracy (%), seed {first.seed}"
+    )
 
 
 @app.command()
@@ -236,10 +323,13 @@ def table2(
     ),
     keep_ratio: Annotated[float, typer.Option(help="Share of filters kept (paper: 0.5).")] = 0.5,
     criterion: Annotated[str, typer.Option(help="Pruning criterion (paper: taylor).")] = "taylor",
-    seed: PresetSeedOpt = 0,
-    device: PresetDeviceOpt = "auto",
+    seed: PresetSeedOpt = None,
+    device: PresetDeviceOpt = None,
     pretrain_steps: PretrainStepsOpt = None,
     prune_steps: PruneStepsOpt = None,
+    config: PresetConfigOpt = None,
+    set_values: SetOpt = None,
+    tensorboard: TensorBoardOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Reproduce the layout of the paper's Table 2 on the embedded rotated digits.
@@ -261,18 +351,22 @@ def table2(
         device,
         overrides,
         progress_for=lambda label: _progress(quiet, label),
+        tensorboard=_tensorboard(tensorboard),
+        config_path=config,
+        sets=set_values,
     )
     first = records[0]
-    _write_table(
-        out, table2_report(records), f"{first.model} on {first.dataset}: top-1 accuracy (%), seed {seed}"
-    )
+    title = f"{first.model} on {first.dataset}: top-1 accuracy (%), seed {first.seed}"
+    _write_table(out, table2_report(records), title)
 
 
 @app.command()
 def pretrain(
     out: Annotated[Path, typer.Option(help="Model directory to write.")],
     config: ConfigOpt = None,
+    set_values: SetOpt = None,
     target: TargetOpt = None,
+    test_env: TestEnvOpt = None,
     seed: SeedOpt = None,
     device: DeviceOpt = None,
     data: DataOpt = None,
@@ -287,12 +381,14 @@ def pretrain(
     weights: Annotated[Path | None, typer.Option(help="Initial weights file (e.g. ImageNet).")] = None,
     steps: Annotated[int | None, typer.Option(help="Pretraining steps.")] = None,
     overwrite: OverwriteOpt = False,
+    tensorboard: TensorBoardOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Pretrain on the source domains with a DG algorithm; keep the best intra-domain val checkpoint."""
     _on_interrupt(_stage_note("pretraining", out))
     cfg = _config(
         config,
+        set_values,
         target=target,
         seed=seed,
         device=device,
@@ -302,7 +398,10 @@ def pretrain(
         model__weights=str(weights) if weights else None,
         pretrain__steps=steps,
     )
-    record = run_pretrain(make_context(cfg), out, _progress(quiet), overwrite=overwrite)
+    cfg, dataset = apply_test_env(cfg, test_env, target)
+    tensorboard_dir = _tensorboard_run(tensorboard, out)
+    ctx = make_context(cfg, dataset)
+    record = run_pretrain(ctx, out, _progress(quiet), overwrite=overwrite, tensorboard_dir=tensorboard_dir)
     write_records(out / "results.json", [record])
     _print_record(record)
 
@@ -312,7 +411,9 @@ def prune(
     pretrained: Annotated[Path, typer.Option(help="Model directory written by `dgprune pretrain`.")],
     out: Annotated[Path, typer.Option(help="Directory for the compressed model.")],
     config: ConfigOpt = None,
+    set_values: SetOpt = None,
     target: TargetOpt = None,
+    test_env: TestEnvOpt = None,
     seed: SeedOpt = None,
     device: DeviceOpt = None,
     data: DataOpt = None,
@@ -353,12 +454,14 @@ def prune(
     ] = None,
     steps: Annotated[int | None, typer.Option(help="Fine-tuning steps in all.")] = None,
     overwrite: OverwriteOpt = False,
+    tensorboard: TensorBoardOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Prune + fine-tune a pretrained model, compress the selected checkpoint, evaluate it."""
     _on_interrupt(_stage_note("pruning", out))
     cfg = _config(
         config,
+        set_values,
         target=target,
         seed=seed,
         device=device,
@@ -372,7 +475,12 @@ def prune(
         prune__round_to=round_to,
         prune__steps=steps,
     )
-    record = run_prune(make_context(cfg), pretrained, out, _progress(quiet), overwrite=overwrite)
+    cfg, dataset = apply_test_env(cfg, test_env, target)
+    tensorboard_dir = _tensorboard_run(tensorboard, out)
+    ctx = make_context(cfg, dataset)
+    record = run_prune(
+        ctx, pretrained, out, _progress(quiet), overwrite=overwrite, tensorboard_dir=tensorboard_dir
+    )
     write_records(out / "results.json", [record])
     _print_record(record)
 
@@ -381,7 +489,9 @@ def prune(
 def evaluate_cmd(
     model_dir: Annotated[Path, typer.Option("--model", help="A dgprune model directory.")],
     config: ConfigOpt = None,
+    set_values: SetOpt = None,
     target: TargetOpt = None,
+    test_env: TestEnvOpt = None,
     seed: SeedOpt = None,
     device: DeviceOpt = None,
     data: DataOpt = None,
@@ -395,18 +505,24 @@ def evaluate_cmd(
     ] = 1,
 ) -> None:
     """Intra-, cross- and per-domain accuracy of a saved (dense or compressed) model, its parameters,
-    MACs (batch 1) and measured latency (median of 20 eval-mode forwards, in ms), as JSON."""
+    MACs (batch 1) and measured latency (median of 20 eval-mode forwards, in ms), as JSON.
+
+    Settings not given by flags or --config (target, data, seed) come from the model directory's
+    run.json (or config.yaml).
+    """
     from dgprune.experiments.sweep import measure_latency_ms
     from dgprune.pruning.surgery import model_cost
 
-    cfg = _config(
-        config,
-        target=target,
-        seed=seed,
-        device=device,
-        data=_data_overrides(data, data_root, image_size, download, skip_bad_images),
-    )
-    ctx = make_context(cfg)
+    # The data, target and split the model was trained with, unless flags or --config say otherwise.
+    flags = {
+        "target": target,
+        "seed": seed,
+        "device": device,
+        "data": _data_overrides(data, data_root, image_size, download, skip_bad_images),
+    }
+    cfg = model_dir_config(model_dir, config, flags, set_values)
+    cfg, dataset = apply_test_env(cfg, test_env, target)
+    ctx = make_context(cfg, dataset)
     model = ctx.load_model_dir(model_dir)
     acc = evaluate(model, ctx.split, ctx.device)
     cost = model_cost(model, ctx.example_input)
@@ -439,7 +555,9 @@ def evaluate_cmd(
 def analyze_cmd(
     model_dir: Annotated[Path, typer.Option("--model", help="A dgprune model directory (dense or pruned).")],
     config: ConfigOpt = None,
+    set_values: SetOpt = None,
     target: TargetOpt = None,
+    test_env: TestEnvOpt = None,
     seed: SeedOpt = None,
     device: DeviceOpt = None,
     data: DataOpt = None,
@@ -468,7 +586,8 @@ def analyze_cmd(
         "device": device,
         "data": _data_overrides(data, data_root, image_size, download, skip_bad_images),
     }
-    cfg = analysis.analysis_config(model_dir, config, overrides)
+    cfg = analysis.analysis_config(model_dir, config, overrides, set_values)
+    cfg, _ = apply_test_env(cfg, test_env, target)
     report = analysis.analyze_model(model_dir, cfg, channels, batch_size)
     for line in analysis.summary_lines(report):
         console.print(line, markup=False, highlight=False)
@@ -481,6 +600,18 @@ def analyze_cmd(
     console.print(rich_table)
     analysis.write_report(report, out)
     console.print(f"analysis: {out}  ({report.wall_time_s:.0f} s)", markup=False, highlight=False)
+
+
+@app.command("plot")
+def plot_cmd(
+    model_dir: Annotated[Path, typer.Option("--model", help="A model directory with a history.jsonl.")],
+    out: Annotated[Path | None, typer.Option(help="PNG file to write (default: DIR/curves.png).")] = None,
+) -> None:
+    """Plot a run's training curves from its history.jsonl: loss (and per-domain risks), validation
+    accuracy and filters alive against the step."""
+    from dgprune.report.curves import plot_model_dir  # matplotlib: only for this command
+
+    console.print(f"wrote {plot_model_dir(model_dir, out)}", markup=False, highlight=False)
 
 
 @app.command("export")

@@ -2,19 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich import box
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table as RichTable
 
 from dgprune.errors import ConfigError
 from dgprune.experiments.store import Store
-from dgprune.experiments.sweep import load_sweep, run_sweep, sweep_records, sweep_status
+from dgprune.experiments.sweep import (
+    Sweep,
+    SweepStatus,
+    load_sweep,
+    run_sweep,
+    sweep_records,
+    sweep_status,
+)
 from dgprune.pruning.criteria import criterion_label
 from dgprune.report.export import FORMATS, write_report
 from dgprune.report.table1 import Table
@@ -33,11 +45,22 @@ OutOpt = Annotated[
         "else <name>-sweep beside the file (in the current directory for a preset).",
     ),
 ]
+SweepSetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        metavar="KEY=VALUE",
+        help="Update the sweep file's `base` by a dotted key, the value read as YAML (e.g. --set "
+        "prune.lr=0.01); repeat for several. The runs' ids change with it: give the same --set to "
+        "`status` and `report`.",
+    ),
+]
 
 
 def sweep(
     config: SweepArg,
     out: OutOpt = None,
+    set_values: SweepSetOpt = None,
     workers: Annotated[
         str | None,
         typer.Option(help="Local worker processes, or auto (default: the file's sweep.workers, else auto)."),
@@ -61,10 +84,13 @@ def sweep(
     Pretraining is shared by all the runs that prune the same pretrained model. Killed at any
     moment, the same command resumes and ends with every run in the database exactly once.
     """
-    spec = load_sweep(config, out, device)
+    spec = load_sweep(config, out, device, set_values)
     total = len(spec.run_ids())
     console.print(f"sweep {spec.name}: {total} runs in {spec.directory} (database {spec.db_path})")
-    outcome = run_sweep(spec, workers, ray, retry_failed, quiet)
+    # On a terminal a bar of runs done (the workers' own lines would break it); else a line per run.
+    bar = not quiet and console.is_terminal
+    with SweepProgress(spec, console) if bar else contextlib.nullcontext():
+        outcome = run_sweep(spec, workers, ray, retry_failed, quiet or bar)
     counts = outcome.counts
     console.print(
         f"done {counts['done']}/{total}, failed {counts['failed']}, pending {counts['pending']} "
@@ -86,13 +112,20 @@ def sweep(
 def status(
     config: SweepArg,
     out: OutOpt = None,
+    set_values: SweepSetOpt = None,
     errors: Annotated[
         bool, typer.Option("--errors", help="Print the full error text of failed runs.")
     ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the status as JSON (counts, ETA, running and failed runs).")
+    ] = False,
 ) -> None:
     """Show done / running / failed / pending runs of a sweep, with an ETA."""
-    spec = load_sweep(config, out)
+    spec = load_sweep(config, out, sets=set_values)
     state = sweep_status(spec)
+    if as_json:
+        print(json.dumps(status_dict(spec, state), indent=1))
+        return
     c = state.counts
     console.print(f"sweep {spec.name}: {state.total} runs ({spec.db_path})")
     console.print(f"  done {c['done']}  running {c['running']}  failed {c['failed']}  pending {c['pending']}")
@@ -118,6 +151,7 @@ def report(
         typer.Argument(help="Sweep file or preset name (omit with --db to report a whole database)."),
     ] = None,
     out: OutOpt = None,
+    set_values: SweepSetOpt = None,
     db: Annotated[
         Path | None, typer.Option(help="A results database to report (every finished run).")
     ] = None,
@@ -129,6 +163,14 @@ def report(
         str, typer.Option("--format", help="Table formats: md, csv, tex (comma-separated).")
     ] = ",".join(FORMATS),
     plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write PNG plots.")] = True,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="Print the report as JSON instead of tables: every table (header and rows), the win "
+            "count, the paired comparisons and the files written.",
+        ),
+    ] = False,
 ) -> None:
     """Tables (paper's Table 1 and Table 2 layouts), IoR-vs-Taylor wins and plots of a sweep.
 
@@ -137,7 +179,7 @@ def report(
     """
     if config is None and db is None:
         raise ConfigError("give a sweep file (or preset name), or --db PATH")
-    spec = load_sweep(config, out) if config is not None else None
+    spec = load_sweep(config, out, sets=set_values) if config is not None else None
     db_path = db or spec.db_path  # type: ignore[union-attr]
     records = sweep_records(spec, db_path)
     if not records:
@@ -152,11 +194,106 @@ def report(
     if unknown:
         raise ConfigError(f"unknown format(s) {', '.join(unknown)}; valid: {', '.join(FORMATS)}")
     result = write_report(records, target, widths, chosen, plots, configs)
+    if as_json:
+        print(json.dumps({"report_dir": str(target), "runs": len(records), **result.to_dict()}, indent=1))
+        return
     for section in result.sections:
         _print_table(section.table, section.title)
     if result.wins is not None and result.wins.comparisons:
         console.print(result.wins.summary())
     console.print(f"wrote {len(result.files)} table file(s) and {len(result.plots)} plot(s) to {target}")
+
+
+def status_dict(spec: Sweep, state: SweepStatus, now: float | None = None) -> dict[str, Any]:
+    """`dgprune status --json`: what the status lines say, as data."""
+    now = time.time() if now is None else now
+    remaining = state.counts["pending"] + state.counts["running"]
+    return {
+        "sweep": spec.name,
+        "database": str(spec.db_path),
+        "total": state.total,
+        "counts": state.counts,
+        "finished": remaining == 0,
+        "eta_s": state.eta_s,
+        "parallel": state.parallel,
+        "running": [
+            {
+                "run_id": row["run_id"],
+                "run": _describe_row(row),
+                "running_s": now - row["started_at"] if row.get("started_at") else None,
+            }
+            for row in state.running
+        ],
+        "failed": [
+            {"run_id": row["run_id"], "run": _describe_row(row), "error": row["error"]}
+            for row in state.failed
+        ],
+    }
+
+
+class SweepProgress:
+    """A bar of the sweep's runs finished (done or failed) with counts and the ETA of `dgprune
+    status`, refreshed from the database every ``every_s`` seconds by a thread (workers in other
+    processes or on Ray report there too); a failed run leaves a line above the bar."""
+
+    def __init__(
+        self,
+        spec: Sweep,
+        console: Console,
+        every_s: float = 2.0,
+        status: Callable[[Sweep], SweepStatus] = sweep_status,
+    ) -> None:
+        self.spec, self.console, self.every_s, self._status = spec, console, every_s, status
+        self.progress = Progress(
+            TextColumn(f"sweep {spec.name}"),
+            BarColumn(bar_width=30),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            console=console,
+        )
+        self.task = self.progress.add_task("runs", total=None, info="")
+        self._reported: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> SweepProgress:
+        self.progress.start()
+        self.poll()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        with contextlib.suppress(Exception):
+            self.poll()  # the final counts
+        self.progress.stop()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            with contextlib.suppress(Exception):  # e.g. the database busy: the next poll retries
+                self.poll()
+
+    def poll(self) -> None:
+        state = self._status(self.spec)
+        c = state.counts
+        for row in state.failed:
+            if row["run_id"] not in self._reported:
+                self._reported.add(row["run_id"])
+                self.progress.console.print(
+                    f"failed {row['run_id']}: {_describe_row(row)}: {_last_line(row['error'])}",
+                    markup=False,
+                    highlight=False,
+                )
+        if c["pending"] + c["running"] == 0:
+            eta = "finished"
+        elif state.eta_s is None:
+            eta = "ETA after the first run of each kind"
+        else:
+            eta = f"ETA {_duration(state.eta_s)} at {state.parallel} worker(s)"
+        info = f"done {c['done']} | failed {c['failed']} | running {c['running']} | {eta}"
+        self.progress.update(self.task, total=state.total, completed=c["done"] + c["failed"], info=info)
+        self.progress.refresh()
 
 
 def register(app: typer.Typer) -> None:

@@ -27,9 +27,15 @@ from dgprune.algorithms.hparams import HPARAM_DOCS, DataKind, default_hparams
 from dgprune.algorithms.irm import IRM
 from dgprune.algorithms.mixup import Mixup
 from dgprune.algorithms.vrex import VREx
-from dgprune.errors import ConfigError
+from dgprune.names import resolve_name
 
 ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (ERM, CORAL, Mixup, VREx, GroupDRO, IRM)}
+
+
+def algorithm_name(name: str) -> str:
+    """The canonical name of algorithm ``name`` in any case or DomainBed's spelling (``ERM``, ``VREx``,
+    ``GroupDRO``); ConfigError listing the valid names otherwise."""
+    return resolve_name(name, ALGORITHMS, "algorithm")
 
 
 def make_algorithm(
@@ -42,8 +48,7 @@ def make_algorithm(
 ) -> Algorithm:
     """The algorithm ``name`` for ``model`` over ``num_domains`` source domains; ``hparams`` override
     ``default_hparams(name, data_kind)`` (an unknown key is a ConfigError)."""
-    if name not in ALGORITHMS:
-        raise ConfigError(f"unknown algorithm {name!r}; valid: {', '.join(ALGORITHMS)}")
+    name = algorithm_name(name)
     return ALGORITHMS[name](model, num_domains, hparams, data_kind=data_kind)
 
 
@@ -62,6 +67,7 @@ __all__ = [
     "Minibatches",
     "Mixup",
     "VREx",
+    "algorithm_name",
     "default_hparams",
     "domain_risks",
     "make_algorithm",

@@ -13,6 +13,7 @@ from dgprune.data.image_folder import NAMED_DATASETS, SkippedImagesWarning, load
 from dgprune.data.mnist import load_colored_mnist, load_rotated_mnist, read_idx, write_idx
 from dgprune.data.splits import LodoSplit, make_lodo_split, split_domain
 from dgprune.errors import ConfigError, DataError
+from dgprune.names import canonical_name, unknown_name_message
 
 DatasetLoader = Callable[..., MultiDomainDataset]
 
@@ -43,22 +44,33 @@ def dataset_names() -> list[str]:
     return [*sorted(_DATASETS), f"{FOLDER_PREFIX}/path"]
 
 
+def dataset_name(name: str) -> str:
+    """The canonical name of dataset ``name`` in any case or DomainBed's spelling (``RotatedMNIST``,
+    ``OfficeHome``, ``PACS``); a ``folder:`` name is returned as it is. DataError listing the valid
+    names otherwise."""
+    if name.startswith(FOLDER_PREFIX):
+        return name
+    found = canonical_name(name, _DATASETS)
+    if found is None:
+        raise DataError(unknown_name_message(name, dataset_names(), "dataset"))
+    return found
+
+
 def load_dataset(name: str, **options: object) -> MultiDomainDataset:
     """Load a registered dataset by name; options are the loader's keyword arguments.
 
     `folder:/path` loads any folder of shape /path/<domain>/<class>/<image> (`load_image_folder`).
     """
     if name.startswith(FOLDER_PREFIX):
-        loader: DatasetLoader | None = load_image_folder
+        loader: DatasetLoader = load_image_folder
         options = {"path": name[len(FOLDER_PREFIX) :], **options}
         if not options["path"]:
             raise ConfigError(
                 f"dataset {name!r}: give the folder after {FOLDER_PREFIX!r}, e.g. folder:/data/PACS"
             )
     else:
-        loader = _DATASETS.get(name)
-    if loader is None:
-        raise DataError(f"unknown dataset {name!r}; available: {', '.join(dataset_names())}")
+        name = dataset_name(name)  # also DomainBed's spelling: PACS, RotatedMNIST
+        loader = _DATASETS[name]
     try:
         inspect.signature(loader).bind(**options)
     except TypeError as e:  # report a bad option as a config problem, not a traceback
@@ -76,6 +88,7 @@ __all__ = [
     "LodoSplit",
     "MultiDomainDataset",
     "SkippedImagesWarning",
+    "dataset_name",
     "dataset_names",
     "iterate_batches",
     "load_colored_digits",

@@ -17,6 +17,7 @@ import json
 import math
 import time
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,8 @@ import torch
 
 from dgprune.data import Domain
 from dgprune.errors import ConfigError
-from dgprune.experiments.config import RunConfig, build_config
-from dgprune.experiments.pipeline import METRICS_FILE, make_context
+from dgprune.experiments.config import RunConfig
+from dgprune.experiments.pipeline import METRICS_FILE, make_context, model_dir_config
 from dgprune.experiments.records import write_json_atomic
 from dgprune.pruning.gates import GateSet
 from dgprune.pruning.groups import find_channel_groups
@@ -37,9 +38,7 @@ from dgprune.pruning.ood_importance import (
     sample_positions,
 )
 from dgprune.pruning.oracle import removable_positions
-from dgprune.pruning.surgery import STRUCTURE_FILE
 
-RUN_FILE = "run.json"  # written beside a finished stage's metrics.json: its resolved settings
 ALL_CHANNELS_LIMIT = 512  # by default, every removable channel up to this many (MNIST_CNN: 448) ...
 DEFAULT_SAMPLE = 256  # ... else a seeded sample of this many (ResNet-18: 4,800 channels)
 DEFAULT_BATCH_SIZE = 64
@@ -73,29 +72,12 @@ class AnalysisReport:
         }
 
 
-def analysis_config(model_dir: Path, config_path: Path | None, overrides: dict[str, Any]) -> RunConfig:
-    """Flags <- ``--config`` file <- the model directory's run.json settings (data, target, seed, model,
-    pruning scope and BatchNorm mode) <- defaults."""
-    if not (model_dir / STRUCTURE_FILE).is_file():
-        raise ConfigError(f"--model {model_dir}: not a dgprune model directory (no {STRUCTURE_FILE})")
-    base: dict[str, Any] = {}
-    run_path = model_dir / RUN_FILE
-    if run_path.is_file():
-        try:
-            stored = json.loads(run_path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise ConfigError(f"{run_path}: unreadable ({err})") from None
-        settings = stored.get("config") if isinstance(stored, dict) else None
-        if isinstance(settings, dict):
-            # Only what the analysis uses: other settings of older versions need not validate today.
-            base = {k: settings[k] for k in ("data", "target", "seed", "model") if k in settings}
-            prune = settings.get("prune") or {}
-            base["prune"] = {k: prune[k] for k in ("scope", "bn_mode") if k in prune}
-    elif (model_dir / METRICS_FILE).is_file():  # older model directories: at least the target
-        target = json.loads((model_dir / METRICS_FILE).read_text()).get("target_domain")
-        if target is not None:
-            base = {"target": target}
-    return build_config(config_path, overrides, base=base)
+def analysis_config(
+    model_dir: Path, config_path: Path | None, overrides: dict[str, Any], sets: Sequence[str] | None = None
+) -> RunConfig:
+    """Flags <- ``--set`` items <- ``--config`` file <- the model directory's run.json settings (data,
+    target, seed, model, pruning scope and BatchNorm mode) <- defaults (see pipeline.model_dir_config)."""
+    return model_dir_config(model_dir, config_path, overrides, sets)
 
 
 def fixed_batch(domain: Domain, size: int, seed: int, salt: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,14 +5,15 @@ from __future__ import annotations
 import hashlib
 import json
 import tomllib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from dgprune.data import RESULT_NEUTRAL_OPTIONS
-from dgprune.errors import ConfigError
+from dgprune.data import RESULT_NEUTRAL_OPTIONS, dataset_name
+from dgprune.errors import ConfigError, DataError
 from dgprune.pruning.criteria import criterion_param_defaults
 from dgprune.training.settings import PretrainSettings, PruneSettings
 
@@ -31,6 +32,15 @@ class DataSettings(_Strict):
         default_factory=dict, description="dataset options, e.g. root, image_size (see docs/datasets.md)"
     )
 
+    @field_validator("name")
+    @classmethod
+    def _canonical_name(cls, value: str) -> str:
+        """DomainBed's spelling (PACS, RotatedMNIST) -> dgprune's name, so run ids do not depend on it."""
+        try:
+            return dataset_name(value)
+        except DataError as err:
+            raise ValueError(str(err)) from None
+
 
 class ModelSettings(_Strict):
     name: str = Field("mnist_cnn", description="resnet18, resnet50 or mnist_cnn")
@@ -46,6 +56,12 @@ class RunConfig(_Strict):
     prune: PruneSettings = PruneSettings()
     seed: int = Field(0, description="training seed (data split, batches, init)")
     device: Literal["cpu", "cuda", "auto"] = "auto"
+
+    @field_validator("target", mode="before")
+    @classmethod
+    def _target_text(cls, value: Any) -> Any:
+        """Domain names are text; ``target: 30`` in YAML (or ``--set target=30``) means the domain "30"."""
+        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
     def run_id(self) -> str:
         """Stable id: hash of everything that changes results (not the device, paths or caching)."""
@@ -147,26 +163,90 @@ def check_sections(data: dict[str, Any], source: str) -> None:
         )
 
 
-def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Nested update of ``base`` by ``overrides``; a None in ``overrides`` means "not given"."""
+def _merge(base: dict[str, Any], overrides: dict[str, Any], keep_none: bool = False) -> dict[str, Any]:
+    """Nested update of ``base`` by ``overrides``; a None in ``overrides`` means "not given" (flags),
+    unless ``keep_none`` (``--set key=null`` sets None)."""
     merged = dict(base)
     for key, value in overrides.items():
         if isinstance(value, dict):
-            merged[key] = _merge(merged.get(key) if isinstance(merged.get(key), dict) else {}, value)
-        elif value is not None:
+            child = merged.get(key) if isinstance(merged.get(key), dict) else {}
+            merged[key] = _merge(child, value, keep_none)
+        elif value is not None or keep_none:
             merged[key] = value
     return merged
 
 
+SET_OPTION = "--set"
+
+
+def parse_set_overrides(items: Sequence[str] | None, option: str = SET_OPTION) -> dict[str, Any]:
+    """``KEY=VALUE`` items as a nested mapping: dotted keys (``prune.criterion_params.share=0.5``), values
+    read as YAML (``0.01``, ``true``, ``null``, ``[0, 15]``, ``{mmd_gamma: 1}``; else text). A later item
+    wins over an earlier one. Not validated here: ``build_config`` validates the result as a config file."""
+    tree: dict[str, Any] = {}
+    for item in items or ():
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or any(not part.strip() for part in parts):
+            raise ConfigError(
+                f"{option} expects KEY=VALUE with a dotted key, e.g. {option} prune.lr=0.01, got {item!r}"
+            )
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            reason = getattr(err, "problem", None) or " ".join(str(err).split())
+            raise ConfigError(f"{option} {item!r}: the value is not valid YAML ({reason})") from None
+        node = tree
+        for part in parts[:-1]:
+            if not isinstance(node.get(part.strip()), dict):  # `a=1` then `a.b=2`: the later one wins
+                node[part.strip()] = {}
+            node = node[part.strip()]
+        node[parts[-1].strip()] = value
+    return tree
+
+
+def apply_set_overrides(tree: dict[str, Any], sets: Sequence[str] | None) -> dict[str, Any]:
+    """``tree`` (a partial config, e.g. a sweep file's ``base``) updated by ``--set`` items, unvalidated."""
+    from_sets = parse_set_overrides(sets)
+    check_sections(from_sets, SET_OPTION)
+    return _merge(tree, from_sets, keep_none=True)
+
+
+def set_override_keys(sets: Sequence[str] | None) -> list[str]:
+    """The dotted keys that ``--set`` items set, after merging (``a.b=1 a.c=2`` -> ``a.b``, ``a.c``)."""
+
+    def leaves(node: dict[str, Any], prefix: str) -> list[str]:
+        keys = []
+        for key, value in node.items():
+            dotted = f"{prefix}{key}"
+            keys += leaves(value, dotted + ".") if isinstance(value, dict) and value else [dotted]
+        return keys
+
+    return leaves(parse_set_overrides(sets), "")
+
+
 def build_config(
-    path: Path | None = None, overrides: dict[str, Any] | None = None, base: dict[str, Any] | None = None
+    path: Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    base: dict[str, Any] | None = None,
+    sets: Sequence[str] | None = None,
 ) -> RunConfig:
-    """Defaults <- ``base`` <- config file <- ``overrides`` (flags); errors name the field and the source."""
+    """Defaults <- ``base`` <- config file <- ``sets`` (``--set KEY=VALUE`` items) <- ``overrides``
+    (dedicated flags); errors name the field and the source."""
+    from_sets = parse_set_overrides(sets)
     source = str(path) if path else "settings"
+    if from_sets:
+        source = f"{path} with {SET_OPTION}" if path else SET_OPTION
     from_file = _read_mapping(path) if path else {}
-    for given, where in ((base or {}, "settings"), (from_file, source), (overrides or {}, "settings")):
+    for given, where in (
+        (base or {}, "settings"),
+        (from_file, str(path)),
+        (from_sets, SET_OPTION),
+        (overrides or {}, "settings"),
+    ):
         check_sections(given, where)
     data = _merge(base or {}, from_file)
+    data = _merge(data, from_sets, keep_none=True)
     data = _merge(data, overrides or {})
     try:
         return RunConfig.model_validate(data)
@@ -186,5 +266,6 @@ def format_validation_error(err: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def dump_config(config: RunConfig) -> str:
-    return yaml.safe_dump(config.model_dump(), sort_keys=False)
+def dump_config(config: RunConfig, exclude: set[str] | None = None) -> str:
+    """The settings as YAML (``exclude``: top-level sections left out, e.g. the device)."""
+    return yaml.safe_dump(config.model_dump(mode="json", exclude=exclude), sort_keys=False)

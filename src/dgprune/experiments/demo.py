@@ -8,10 +8,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from dgprune.algorithms import algorithm_name
 from dgprune.experiments.config import RunConfig, build_config
 from dgprune.experiments.grid import PruneVariant, run_grid
 from dgprune.experiments.pipeline import load_experiment_dataset
@@ -34,8 +35,17 @@ TABLE2_ALGORITHMS = ("erm", "coral", "mixup")
 ProgressFactory = Callable[[str], ProgressCallback | None]
 
 
-def _base(seed: int, device: str, overrides: dict[str, Any] | None) -> RunConfig:
-    return build_config(base=DEMO_SETTINGS, overrides={**(overrides or {}), "seed": seed, "device": device})
+def _base(
+    seed: int | None,
+    device: str | None,
+    overrides: dict[str, Any] | None,
+    config_path: Path | None,
+    sets: Sequence[str] | None,
+) -> RunConfig:
+    """DEMO_SETTINGS <- config file <- ``--set`` items <- ``overrides``, seed and device (None: not given).
+    The grid's own axes (targets, algorithms, criteria, keep ratios) are set per run on top."""
+    overrides = {**(overrides or {}), "seed": seed, "device": device}
+    return build_config(config_path, overrides, base=DEMO_SETTINGS, sets=sets)
 
 
 def run_demo(
@@ -43,17 +53,29 @@ def run_demo(
     targets: list[str] | None = None,
     keep_ratios: tuple[float, ...] = DEMO_KEEP_RATIOS,
     criteria: tuple[str, ...] = DEMO_CRITERIA,
-    seed: int = 0,
-    device: str = "auto",
+    seed: int | None = None,
+    device: str | None = None,
     overrides: dict[str, Any] | None = None,
     progress_for: ProgressFactory = lambda label: None,
+    config_path: Path | None = None,
+    sets: Sequence[str] | None = None,
+    tensorboard: Path | None = None,
 ) -> list[ResultRecord]:
-    """Run (or resume) the demo grid; writes ``out_dir/results.json`` after every model."""
-    base = _base(seed, device, overrides)
+    """Run (or resume) the demo grid; writes ``out_dir/results.json`` after every model.
+
+    ``seed``/``device`` None: the config file's or ``--set``'s, else 0 and auto."""
+    base = _base(seed, device, overrides, config_path, sets)
     dataset = load_experiment_dataset(base)
     variants = [PruneVariant(c, r) for r in keep_ratios for c in criteria]
     return run_grid(
-        out_dir, base, dataset, targets or dataset.domain_names, ["erm"], lambda _: variants, progress_for
+        out_dir,
+        base,
+        dataset,
+        targets or dataset.domain_names,
+        ["erm"],
+        lambda _: variants,
+        progress_for,
+        tensorboard,
     )
 
 
@@ -63,19 +85,30 @@ def run_table2(
     algorithms: tuple[str, ...] = TABLE2_ALGORITHMS,
     keep_ratio: float = 0.5,
     criterion: str = "taylor",
-    seed: int = 0,
-    device: str = "auto",
+    seed: int | None = None,
+    device: str | None = None,
     overrides: dict[str, Any] | None = None,
     progress_for: ProgressFactory = lambda label: None,
+    config_path: Path | None = None,
+    sets: Sequence[str] | None = None,
+    tensorboard: Path | None = None,
 ) -> list[ResultRecord]:
     """Pretrain with each algorithm; prune with ERM fine-tuning and with the algorithm's own objective."""
-    base = _base(seed, device, overrides)
+    base = _base(seed, device, overrides, config_path, sets)
     dataset = load_experiment_dataset(base)
+    algorithms = tuple(algorithm_name(a) for a in algorithms)  # ERM, CORAL: DomainBed's spelling
 
     def variants_for(algorithm: str) -> list[PruneVariant]:
         erm = PruneVariant(criterion, keep_ratio, "erm")
         return [erm] if algorithm == "erm" else [erm, PruneVariant(criterion, keep_ratio, algorithm)]
 
     return run_grid(
-        out_dir, base, dataset, targets or dataset.domain_names, algorithms, variants_for, progress_for
+        out_dir,
+        base,
+        dataset,
+        targets or dataset.domain_names,
+        algorithms,
+        variants_for,
+        progress_for,
+        tensorboard,
     )

@@ -44,8 +44,15 @@ def run_grid(
     algorithms: Iterable[str],
     variants_for: Callable[[str], list[PruneVariant]],
     progress_for: Callable[[str], ProgressCallback | None] = lambda label: None,
+    tensorboard: Path | None = None,
 ) -> list[ResultRecord]:
-    """Writes ``out_dir/results.json`` after every model, so an interruption loses one model at most."""
+    """Writes ``out_dir/results.json`` after every model, so an interruption loses one model at most.
+
+    ``tensorboard``: a folder for TensorBoard logs, one run per model directory (same relative path)."""
+
+    def tensorboard_dir(model_dir: Path) -> Path | None:
+        return tensorboard / model_dir.relative_to(out_dir) if tensorboard is not None else None
+
     targets, algorithms = list(targets), list(algorithms)
     for target in targets:
         dataset.domain(target)  # unknown names fail before any work
@@ -64,6 +71,7 @@ def run_grid(
                     make_context(config, dataset),
                     run_dir / "pretrained",
                     progress_for(f"[{target} {algorithm}] "),
+                    tensorboard_dir=tensorboard_dir(run_dir / "pretrained"),
                 )
             )
             write_records(out_dir / "results.json", records)
@@ -76,6 +84,7 @@ def run_grid(
                         run_dir / "pretrained",
                         run_dir / variant.dirname,
                         progress_for(label),
+                        tensorboard_dir=tensorboard_dir(run_dir / variant.dirname),
                     )
                 )
                 write_records(out_dir / "results.json", records)

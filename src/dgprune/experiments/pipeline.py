@@ -13,15 +13,18 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+import yaml
 from torch import nn
 
 from dgprune.data import LodoSplit, MultiDomainDataset, load_dataset, make_lodo_split, probe_batch
 from dgprune.errors import ConfigError
-from dgprune.experiments.config import RunConfig
+from dgprune.experiments.config import RunConfig, build_config, dump_config
 from dgprune.experiments.records import ResultRecord, write_json_atomic
 from dgprune.models import build_model
 from dgprune.pruning.groups import find_channel_groups
@@ -35,6 +38,7 @@ from dgprune.pruning.surgery import (
 )
 from dgprune.training.checkpoint import CHECKPOINT_FILE, Checkpointer
 from dgprune.training.evaluation import evaluate
+from dgprune.training.history import HISTORY_FILE, StageLog
 from dgprune.training.identity import Identity, mismatch_error, same_run
 from dgprune.training.pretrain import pretrain
 from dgprune.training.progress import ProgressCallback
@@ -43,6 +47,7 @@ from dgprune.training.prune_finetune import prune_and_finetune
 METRICS_FILE = "metrics.json"
 RUN_FILE = "run.json"  # the identity of the run whose metrics.json lies beside it
 RESULTS_FILE = "results.json"  # the record as the pretrain/prune commands write it
+CONFIG_FILE = "config.yaml"  # the stage's resolved settings (without the device), usable as --config
 
 
 def resolve_device(name: str) -> torch.device:
@@ -104,6 +109,36 @@ def load_model_dir(directory: Path, example_input: torch.Tensor | None = None) -
 
 def load_experiment_dataset(config: RunConfig) -> MultiDomainDataset:
     return load_dataset(config.data.name, seed=config.data.data_seed, **config.data.options)
+
+
+def target_of_test_env(dataset: MultiDomainDataset, index: int) -> str:
+    """DomainBed's ``--test_envs`` index: the name of the ``index``-th domain in the dataset's order."""
+    names = dataset.domain_names
+    if not 0 <= index < len(names):
+        listing = ", ".join(f"{i}: {name}" for i, name in enumerate(names))
+        raise ConfigError(
+            f"--test-env {index} is out of range: dataset {dataset.name!r} has {len(names)} domains, "
+            f"indices 0..{len(names) - 1} ({listing})"
+        )
+    return names[index]
+
+
+def apply_test_env(
+    config: RunConfig, test_env: int | None, target: str | None = None
+) -> tuple[RunConfig, MultiDomainDataset | None]:
+    """The config whose target is the ``test_env``-th domain (``--test-env``), and the dataset loaded to
+    find it (None when ``test_env`` is None: the config is returned as it is). ``target``: a domain also
+    named by ``--target``; a ConfigError unless it is the same domain."""
+    if test_env is None:
+        return config, None
+    dataset = load_experiment_dataset(config)
+    name = target_of_test_env(dataset, test_env)
+    if target is not None and target != name:
+        raise ConfigError(
+            f"--target {target} and --test-env {test_env} (domain {name!r} of {dataset.name!r}) disagree; "
+            "give one of them"
+        )
+    return config.model_copy(update={"target": name}), dataset
 
 
 def make_context(config: RunConfig, dataset: MultiDomainDataset | None = None) -> RunContext:
@@ -179,6 +214,53 @@ def prune_identity(config: RunConfig, pretrained_dir: Path) -> Identity:
     }
 
 
+# What a model directory's stored settings give a command that reads the model (evaluate, analyze): the
+# data, split and model; other settings of older versions need not validate today.
+_MODEL_DIR_KEYS = ("data", "target", "seed", "model")
+_MODEL_DIR_PRUNE_KEYS = ("scope", "bn_mode")
+
+
+def model_dir_settings(model_dir: Path) -> dict[str, Any]:
+    """The settings a model directory records about its data, target, seed and model (and the
+    pruning scope and BatchNorm mode): from run.json (a finished stage), else config.yaml (a stage
+    that has started), else at least the target of metrics.json (directories of older versions)."""
+    settings: Any = None
+    if (model_dir / RUN_FILE).is_file():
+        stored = _read_json(model_dir / RUN_FILE)
+        settings = stored.get("config") if isinstance(stored, dict) else None
+    elif (model_dir / CONFIG_FILE).is_file():
+        try:
+            settings = yaml.safe_load((model_dir / CONFIG_FILE).read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+            raise ConfigError(f"{model_dir / CONFIG_FILE}: unreadable ({err})") from None
+    elif (model_dir / METRICS_FILE).is_file():
+        stored = _read_json(model_dir / METRICS_FILE)
+        target = stored.get("target_domain") if isinstance(stored, dict) else None
+        return {"target": target} if target is not None else {}
+    if not isinstance(settings, dict):
+        return {}
+    base = {k: settings[k] for k in _MODEL_DIR_KEYS if k in settings}
+    prune = settings.get("prune") if isinstance(settings.get("prune"), dict) else {}
+    base["prune"] = {k: prune[k] for k in _MODEL_DIR_PRUNE_KEYS if k in prune}
+    return base
+
+
+def model_dir_config(
+    model_dir: Path,
+    config_path: Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    sets: Sequence[str] | None = None,
+) -> RunConfig:
+    """The config of a command that reads a saved model: flags (``overrides``) <- ``--set`` items <-
+    ``--config`` file <- the directory's own settings (:func:`model_dir_settings`) <- defaults; so
+    ``--model DIR`` alone evaluates on the data, target and split the model was trained with."""
+    if not model_dir.is_dir():
+        raise ConfigError(f"--model {model_dir}: no such model directory")
+    if not (model_dir / STRUCTURE_FILE).is_file():
+        raise ConfigError(f"--model {model_dir}: not a dgprune model directory (no {STRUCTURE_FILE})")
+    return build_config(config_path, overrides, base=model_dir_settings(model_dir), sets=sets)
+
+
 def pretrained_model_id(directory: Path) -> str:
     """The run id of a model directory's metrics.json, else a hash of its weights file."""
     metrics_path = directory / METRICS_FILE
@@ -195,28 +277,36 @@ def pretrained_model_id(directory: Path) -> str:
 
 
 def run_pretrain(
-    ctx: RunContext, out_dir: Path, progress: ProgressCallback | None = None, overwrite: bool = False
+    ctx: RunContext,
+    out_dir: Path,
+    progress: ProgressCallback | None = None,
+    overwrite: bool = False,
+    tensorboard_dir: Path | None = None,
 ) -> ResultRecord:
     """Pretrain (or reuse a finished pretraining in ``out_dir``) and evaluate the selected checkpoint.
 
     ``out_dir`` is reused only by the same pretraining (ConfigError naming the differing settings
     otherwise); ``overwrite`` first deletes the stage's results, checkpoint and model there.
+    Beside the model: config.yaml (the settings, without the pruning ones) and history.jsonl (the
+    curves, see training.history); with ``tensorboard_dir``, the curves as TensorBoard scalars too.
     """
     identity = pretrain_identity(ctx.config)
     if (done := _prepare_stage(out_dir, identity, overwrite)) is not None:
         return done
     started = time.monotonic()
+    _write_config(out_dir, ctx.config, exclude={"device", "prune"})
     model = ctx.new_model()
-    outcome = pretrain(
-        model,
-        ctx.split,
-        ctx.config.pretrain,
-        ctx.config.seed,
-        ctx.device,
-        progress,
-        checkpoint_dir=out_dir,
-        checkpoint_identity=identity,
-    )
+    with StageLog(out_dir, progress, tensorboard_dir) as log:
+        outcome = pretrain(
+            model,
+            ctx.split,
+            ctx.config.pretrain,
+            ctx.config.seed,
+            ctx.device,
+            log,
+            checkpoint_dir=out_dir,
+            checkpoint_identity=identity,
+        )
     save_compressed(out_dir, model, {}, ctx.build_spec(), ctx.dataset.input_shape)
     total = sum(g.size for g in find_channel_groups(model, ctx.example_input, ctx.config.prune.scope))
     cost = model_cost(model, ctx.example_input)
@@ -231,11 +321,13 @@ def run_prune(
     out_dir: Path,
     progress: ProgressCallback | None = None,
     overwrite: bool = False,
+    tensorboard_dir: Path | None = None,
 ) -> ResultRecord:
     """Prune + fine-tune the pretrained model, compress the selected checkpoint, evaluate it.
 
     ``out_dir`` is reused only by the same run from the same pretrained model; ``overwrite`` first
-    deletes the stage's results, checkpoint and model there.
+    deletes the stage's results, checkpoint and model there. config.yaml, history.jsonl and
+    TensorBoard as in :func:`run_pretrain`.
     """
     if out_dir.resolve() == pretrained_dir.resolve():
         raise ConfigError(f"--out {out_dir} is the pretrained model's directory; choose another --out")
@@ -243,20 +335,22 @@ def run_prune(
     if (done := _prepare_stage(out_dir, identity, overwrite)) is not None:
         return done
     started = time.monotonic()
+    _write_config(out_dir, ctx.config, exclude={"device"})
     model = ctx.load_model_dir(pretrained_dir)
     dense_cost = model_cost(model, ctx.example_input)
     settings = ctx.config.prune
-    outcome = prune_and_finetune(
-        model,
-        ctx.split,
-        settings,
-        ctx.config.seed,
-        ctx.device,
-        ctx.example_input,
-        progress,
-        checkpoint_dir=out_dir,
-        checkpoint_identity=identity,
-    )
+    with StageLog(out_dir, progress, tensorboard_dir) as log:
+        outcome = prune_and_finetune(
+            model,
+            ctx.split,
+            settings,
+            ctx.config.seed,
+            ctx.device,
+            ctx.example_input,
+            log,
+            checkpoint_dir=out_dir,
+            checkpoint_identity=identity,
+        )
     probe = probe_batch(ctx.split.val, 64).to(ctx.device)
     model.eval()
     with torch.no_grad():
@@ -328,7 +422,7 @@ def _clear_stage(out_dir: Path) -> None:
     """--overwrite: delete what a stage writes (and the command's results.json), nothing else."""
     if not out_dir.is_dir():
         return
-    names = [METRICS_FILE, RUN_FILE, CHECKPOINT_FILE, WEIGHTS_FILE, STRUCTURE_FILE]
+    names = [METRICS_FILE, RUN_FILE, CHECKPOINT_FILE, WEIGHTS_FILE, STRUCTURE_FILE, CONFIG_FILE, HISTORY_FILE]
     if (out_dir / METRICS_FILE).is_file():  # a stage directory: its results.json is that stage's record
         names.append(RESULTS_FILE)
     try:
@@ -337,6 +431,12 @@ def _clear_stage(out_dir: Path) -> None:
                 path.unlink(missing_ok=True)
     except OSError as err:
         raise ConfigError(f"--overwrite: cannot delete {err.filename}: {err.strerror}") from None
+
+
+def _write_config(out_dir: Path, config: RunConfig, exclude: set[str]) -> None:
+    tmp = out_dir / f"{CONFIG_FILE}.tmp"
+    tmp.write_text(dump_config(config, exclude=exclude))
+    tmp.replace(out_dir / CONFIG_FILE)
 
 
 def _finish(out_dir: Path, record: ResultRecord, identity: Identity) -> None:

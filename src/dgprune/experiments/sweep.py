@@ -38,7 +38,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -50,11 +50,14 @@ from torch import nn
 from dgprune.data import MultiDomainDataset
 from dgprune.errors import ConfigError
 from dgprune.experiments.config import (
+    SET_OPTION,
     RunConfig,
     _read_mapping,
+    apply_set_overrides,
     build_config,
     check_sections,
     format_validation_error,
+    set_override_keys,
 )
 from dgprune.experiments.pipeline import (
     METRICS_FILE,
@@ -184,8 +187,11 @@ def resolve_sweep_path(config: str) -> Path:
     raise ConfigError(f"sweep config not found: {config} (not a file, nor a preset: {names})")
 
 
-def load_sweep(config: str | Path, out: Path | None = None, device: str | None = None) -> Sweep:
-    """Read and validate a sweep file (or preset name); expands nothing yet."""
+def load_sweep(
+    config: str | Path, out: Path | None = None, device: str | None = None, sets: Sequence[str] | None = None
+) -> Sweep:
+    """Read and validate a sweep file (or preset name); expands nothing yet. ``sets``: ``--set KEY=VALUE``
+    items that update the file's ``base`` (a key the grid varies is an error: the grid would win)."""
     path = resolve_sweep_path(str(config))
     try:
         spec = SweepFile.model_validate(_read_mapping(path))
@@ -193,6 +199,16 @@ def load_sweep(config: str | Path, out: Path | None = None, device: str | None =
         raise ConfigError(f"{path}: invalid sweep file:\n{format_validation_error(err)}") from None
     check_sections(spec.base, f"{path}: base")
     grids = spec.grid if isinstance(spec.grid, list) else [spec.grid]
+    if sets:
+        grid_keys = sorted({key for grid in grids for key in grid})
+        for key in set_override_keys(sets):
+            clash = [g for g in grid_keys if g == key or g.startswith(key + ".") or key.startswith(g + ".")]
+            if clash:
+                raise ConfigError(
+                    f"{SET_OPTION} {key}: the grid of {path} sets {clash[0]} for every run; "
+                    "change it in the grid (or a copy of the file) instead"
+                )
+        spec.base = apply_set_overrides(spec.base, sets)
     if out is not None:
         directory = out
     elif spec.sweep.dir is not None:

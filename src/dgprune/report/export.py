@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from dgprune.errors import ConfigError
 from dgprune.experiments.records import ResultRecord
 from dgprune.pruning.criteria import criterion_label
-from dgprune.report.paired import paired_comparisons, paired_table
+from dgprune.report.paired import PairedComparison, paired_comparisons, paired_table
 from dgprune.report.table1 import Table, table1
 from dgprune.report.table2 import table2
 from dgprune.report.wins import WinCount, count_wins
@@ -109,6 +111,27 @@ class SweepReport:
     wins: WinCount | None = None
     plots: list[Path] = field(default_factory=list)
     files: list[Path] = field(default_factory=list)
+    # Every criterion against Taylor-FO, paired by seed and target: cross-domain (always), and
+    # intra-domain too when the report has the criteria-study section.
+    paired: list[PairedComparison] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as plain data (`dgprune report --json`): tables as header + rows of the cells
+        shown, the win count, the paired comparisons as numbers (NaN as null) and the files written."""
+        wins = None
+        if self.wins is not None and self.wins.comparisons:
+            table = self.wins.table()
+            wins = {"summary": self.wins.summary(), "header": table.header, "rows": table.rows}
+        return {
+            "sections": [
+                {"title": s.title, "stem": s.stem, "header": s.table.header, "rows": s.table.rows}
+                for s in self.sections
+            ],
+            "wins": wins,
+            "paired": [_paired_dict(c) for c in self.paired],
+            "files": [str(p) for p in self.files],
+            "plots": [str(p) for p in self.plots],
+        }
 
     def to_markdown(self) -> str:
         parts = []
@@ -117,6 +140,33 @@ class SweepReport:
         if self.wins is not None and self.wins.comparisons:
             parts += [f"**{self.wins.summary()}**", ""]
         return "\n".join(parts)
+
+
+def _number(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def _paired_dict(c: PairedComparison) -> dict[str, Any]:
+    dataset, model, algorithm, finetune, keep_ratio = c.setting
+    low, high = c.interval
+    return {
+        "dataset": dataset,
+        "model": model,
+        "algorithm": algorithm,
+        "finetune_algorithm": finetune,
+        "keep_ratio": keep_ratio,
+        "challenger": c.challenger,
+        "baseline": c.baseline,
+        "metric": c.metric,
+        "n": c.n,
+        "mean_difference_points": _number(c.mean),
+        "ci95_points": [_number(low), _number(high)],
+        "p_t": _number(c.p_t),
+        "p_wilcoxon": _number(c.p_wilcoxon),
+        "p_holm": _number(c.p_holm),
+        "verdict": c.verdict,
+        "differences_points": c.differences,
+    }
 
 
 def _slug(*parts: str) -> str:
@@ -273,8 +323,10 @@ def write_report(
         report.sections.append(ReportSection(title, table2(group), _slug("table2", dataset, model)))
     report.wins = count_wins(records)
     cross = paired_comparisons(records, _label)
+    report.paired = list(cross)
     if any(c.challenger != "ior" for c in cross):  # more than the paper's pair: a criteria study
         intra = paired_comparisons(records, _label, metric="intra_acc")
+        report.paired += intra
         title = (
             "Every criterion against Taylor-FO, paired by seed and target domain: mean difference in "
             "points, 95% CI, Wilcoxon signed-rank p (Holm-adjusted over the criteria of a row group); "

@@ -3,10 +3,11 @@
 - :func:`plot_accuracy_vs_filters`: intra- and cross-domain accuracy (%) against the share of filters
   kept (%), one line per criterion, starting from the dense model at 100%. Each point is the mean
   over seeds of the per-seed mean over target domains; error bars are ± the standard error over
-  seeds (the seed-to-seed spread of the whole leave-one-domain-out protocol).
+  seeds (the seed-to-seed spread of the whole leave-one-domain-out protocol). With one seed there is
+  no spread to show: no error bars, and the title names the seed.
 - :func:`plot_layer_widths`: output channels per conv layer after pruning, one bar per keep ratio ×
-  criterion (mean over seeds and targets, error bar = standard error over those runs), next to the
-  dense width.
+  criterion (mean over seeds and targets, error bar = standard error over those runs; none for a
+  single run), next to the dense width.
 
 Every figure carries its own title, axis labels with units and a legend, so it reads without the text.
 """
@@ -74,6 +75,7 @@ def plot_accuracy_vs_filters(records: list[ResultRecord], path: Path, title: str
         lines[_line_key(r)][r.keep_ratio].append(r)
     seeds = sorted({r.seed for r in records})
     targets = sorted({r.target_domain for r in records})
+    several = len(seeds) > 1  # one seed: a standard error of 0 would claim a precision never measured
     styles = _styles(list(lines))
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharex=True)
     panels = (("intra_acc", "Intra-domain (source val)"), ("cross_acc", "Cross-domain (unseen target)"))
@@ -95,13 +97,22 @@ def plot_accuracy_vs_filters(records: list[ResultRecord], path: Path, title: str
                 xs.append(100 * mean(r.filters_kept / r.filters_total for r in group) + dodge)
                 ys.append(m)
                 errs.append(se)
-            ax.errorbar(xs, ys, yerr=errs, label=label, color=color, marker=marker, capsize=4, linewidth=1.6)
+            ax.errorbar(
+                xs,
+                ys,
+                yerr=errs if several else None,
+                label=label,
+                color=color,
+                marker=marker,
+                capsize=4,
+                linewidth=1.6,
+            )
         if dense_values:
             m, se = mean_se(dense_values)
             ax.errorbar(
                 [100.0],
                 [m],
-                yerr=[se],
+                yerr=[se] if several else None,
                 fmt="o",
                 markersize=9,
                 color="black",
@@ -116,16 +127,27 @@ def plot_accuracy_vs_filters(records: list[ResultRecord], path: Path, title: str
     axes[0].invert_xaxis()  # shared x axis: inverting once flips both; pruning proceeds to the right
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
-    fig.suptitle(
-        f"{title}\nmean over {len(targets)} target domain(s); error bars: ± standard error over "
-        f"{len(seeds)} seed(s)",
-        fontsize=11,
-    )
+    spread = f"error bars: ± standard error over {len(seeds)} seeds" if several else f"seed {seeds[0]}"
+    fig.suptitle(f"{title}\nmean over {len(targets)} target domain(s); {spread}", fontsize=11)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=130)
     plt.close(fig)
     return path
+
+
+def _runs_note(records: list[ResultRecord]) -> str:
+    """What a bar averages, and what its error bar means (no error bar, and no ± claim, for one run)."""
+    seeds = sorted({r.seed for r in records})
+    targets = sorted({r.target_domain for r in records})
+    seed_text = f"seed {seeds[0]}" if len(seeds) == 1 else f"{len(seeds)} seeds"
+    if len(seeds) == 1 and len(targets) == 1:
+        return f"one run (target {targets[0]}, {seed_text})"
+    runs = len({(r.seed, r.target_domain) for r in records})
+    return (
+        f"mean over {runs} runs ({len(targets)} target(s) × {seed_text}); "
+        "error bars: ± standard error over those runs"
+    )
 
 
 def _order(key: LineKey) -> tuple[int, str, str]:
@@ -175,7 +197,7 @@ def plot_layer_widths(
             [x - 0.4 + width / 2 + i * width for x in xs],
             [m for m, _ in stats],
             width,
-            yerr=[se for _, se in stats],
+            yerr=[se for _, se in stats] if len(bars[key]) > 1 else None,
             capsize=2,
             color=color,
             alpha=ratio_alpha[ratio],
@@ -189,12 +211,7 @@ def plot_layer_widths(
     )
     ax.set_xlabel("convolution layer (forward order)")
     ax.set_ylabel("output channels (filters)")
-    runs = len({(r.seed, r.target_domain) for r in pruned})
-    ax.set_title(
-        f"{title}\nfilters kept per layer: mean over {runs} run(s) (seeds × targets); "
-        "error bars: ± standard error",
-        fontsize=11,
-    )
+    ax.set_title(f"{title}\nfilters kept per layer: {_runs_note(pruned)}", fontsize=11)
     ax.legend(fontsize=8, ncol=min(4, n), loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()

@@ -38,6 +38,7 @@ def pretrain(
     checkpoint_dir: Path | None = None,
     checkpoint_every: int = 50,
     checkpoint_identity: Identity | None = None,
+    log_every: int = 1,
 ) -> PretrainOutcome:
     """Train ``model`` in place; returns the state of the best checkpoint (also loaded into ``model``).
 
@@ -46,6 +47,7 @@ def pretrain(
     with the same arguments continues from it: the result equals that of an uninterrupted run.
     With ``checkpoint_identity``, only a checkpoint of that run is resumed (see Checkpointer).
     A non-finite loss or weight raises DivergenceError; no checkpoint is written after it.
+    ``progress`` gets an event every ``log_every`` steps, at every evaluation and at the last step.
     """
     torch.manual_seed(seed)
     # The run seed drives the algorithm's own draws (Mixup) unless the config sets one explicitly.
@@ -70,6 +72,7 @@ def pretrain(
         minibatches = [(x.to(device), y.to(device)) for x, y in batches.next()]
         losses = algorithm.update(minibatches)
         guard.check_stats(step, losses)
+        val = None
         if step % settings.eval_every == 0 or step == settings.steps:
             guard.check_weights(step, model)  # never select a diverged model
             val = intra_accuracy(model, split, device)
@@ -77,17 +80,19 @@ def pretrain(
             if val > best_val:
                 best_val, best_step = val, step
                 best_state = copy.deepcopy(model.state_dict())
-            if progress:
-                progress(
-                    ProgressEvent(
-                        "pretrain",
-                        step,
-                        settings.steps,
-                        losses["loss"],
-                        val_acc=val,
-                        elapsed_s=time.monotonic() - started,
-                    )
+        if progress and (step % log_every == 0 or step == settings.steps or val is not None):
+            stats = {k: float(v) for k, v in losses.items() if k != "loss"}
+            progress(
+                ProgressEvent(
+                    "pretrain",
+                    step,
+                    settings.steps,
+                    losses["loss"],
+                    val_acc=val,
+                    elapsed_s=time.monotonic() - started,
+                    stats=stats or None,
                 )
+            )
         if checkpointer.due(step):
             guard.check_weights(step, model)  # the checkpoint on disk stays the last good one
             checkpointer.save(

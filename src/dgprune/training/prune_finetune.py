@@ -67,7 +67,7 @@ def prune_and_finetune(
     device: torch.device,
     example_input: torch.Tensor,
     progress: ProgressCallback | None = None,
-    log_every: int = 25,
+    log_every: int = 1,
     checkpoint_dir: Path | None = None,
     checkpoint_every: int = 50,
     checkpoint_identity: Identity | None = None,
@@ -79,6 +79,7 @@ def prune_and_finetune(
     the same arguments resumes from it, giving the same result as an uninterrupted run.
     With ``checkpoint_identity``, only a checkpoint of that run is resumed (see Checkpointer).
     A non-finite loss, risk, score or weight raises DivergenceError; nothing is saved after it.
+    ``progress`` gets an event every ``log_every`` steps, at every evaluation and at the last step.
     """
     torch.manual_seed(seed)
     groups = find_channel_groups(model, example_input.to(device), scope=settings.scope)
@@ -125,6 +126,8 @@ def prune_and_finetune(
         history, shares, start = saved["history"], saved["shares"], saved["step"] + 1
         total_steps = saved["total_steps"]
     model.train()
+    domain_names = [d.name for d in split.train]
+    alive = gates.num_alive()  # changes only when channels are removed: counted then, not every step
     started = time.monotonic()
     for step in range(start, total_steps + 1):
         minibatches = [(x.to(device), y.to(device)) for x, y in batches.next()]
@@ -132,6 +135,7 @@ def prune_and_finetune(
         out = per_domain_forward_backward(model, gates, minibatches, objective, settings.bn_mode)
         guard.check_value(step, "loss", out.loss)
         guard.check_tensor(step, "per-domain risks", out.risks)
+        share = None
         if not schedule.done:
             inputs = _score_inputs(model, gates, out, criterion.needs_weights)
             if criterion.needs_loss_changes:  # before the update: the loss at these weights
@@ -143,12 +147,14 @@ def prune_and_finetune(
             scores = criterion.score(inputs)
             guard.check_tensor(step, "pruning scores", scores)  # NaN would rank channels by position
             schedule.observe(scores)
-            shares.append(variance_term_share(criterion, inputs))
+            share = variance_term_share(criterion, inputs)
+            shares.append(share)
         optimizer.step()
         reached_now = False
         chosen = schedule.step()
         if chosen is not None:
             gates.prune(chosen)
+            alive = gates.num_alive()
             reached_now = schedule.done
         at_target = schedule.done
         evaluate_now = at_target and (reached_now or step % settings.eval_every == 0 or step == total_steps)
@@ -156,7 +162,7 @@ def prune_and_finetune(
         if evaluate_now:
             guard.check_weights(step, model)  # never select a diverged model
             val = intra_accuracy(model, split, device)
-            history.append({"step": step, "loss": out.loss, "val_acc": val, "alive": gates.num_alive()})
+            history.append({"step": step, "loss": out.loss, "val_acc": val, "alive": alive})
             if val > best_val:
                 best_val, best_step = val, step
                 best_state = copy.deepcopy(model.state_dict())
@@ -167,10 +173,12 @@ def prune_and_finetune(
                     step,
                     total_steps,
                     out.loss,
-                    gates.num_alive(),
+                    alive,
                     gates.total,
                     val,
                     time.monotonic() - started,
+                    risks=dict(zip(domain_names, out.risks.tolist(), strict=True)),
+                    variance_share=share,
                 )
             )
         if checkpointer.due(step):

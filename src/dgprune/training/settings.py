@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from dgprune.algorithms import ALGORITHMS
 from dgprune.errors import ConfigError
+from dgprune.names import SPELLING_NOTE, canonical_name
 from dgprune.pruning.criteria import (
     CRITERIA,
     REGISTRY,
@@ -23,9 +24,11 @@ class _Strict(BaseModel):
 
 
 def _known_algorithm(value: str) -> str:
-    if value not in ALGORITHMS:
-        raise ValueError(f"must be one of {', '.join(ALGORITHMS)}, got {value!r}")
-    return value
+    """The canonical name (``ERM``, ``VREx`` -> ``erm``, ``vrex``): run ids do not depend on spelling."""
+    found = canonical_name(value, ALGORITHMS)
+    if found is None:
+        raise ValueError(f"must be one of {', '.join(ALGORITHMS)} ({SPELLING_NOTE})")
+    return found
 
 
 class PretrainSettings(_Strict):
