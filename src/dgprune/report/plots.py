@@ -35,6 +35,10 @@ CRITERION_STYLE = {
     "bn_scale": ("BN scale |γ|", "tab:purple", "D"),
 }
 _EXTRA_COLORS = ["tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"]
+# Lines beyond the styled criteria (a criteria study has a dozen): colour x marker pairs that repeat
+# neither, so no two lines look alike.
+_EXTRA_MARKERS = ["x", "P", "*", "h", "<", ">", "p", "d"]
+LEGEND_COLUMNS = 5
 
 
 LineKey = tuple[str, str]  # (criterion, criterion_label: the name plus its non-default parameters)
@@ -47,12 +51,13 @@ def _line_key(record: ResultRecord) -> LineKey:
 def _styles(keys: list[LineKey]) -> dict[LineKey, tuple[str, str, str]]:
     """Label, colour and marker per (criterion, parameters): a criterion's own colour for its first
     parameter setting, then distinct extra colours, so that no two lines look alike."""
-    styles, seen, extra = {}, set(), iter(_EXTRA_COLORS * 4)
+    styles, seen = {}, set()
+    extra = iter([(c, m) for m in _EXTRA_MARKERS for c in _EXTRA_COLORS])
     for criterion, label in sorted(set(keys), key=_order):
         name, color, marker = CRITERION_STYLE.get(criterion, (criterion, "", "x"))
         name += label[len(criterion) :]  # criterion_label = the criterion's name + " (parameters)"
         if criterion in seen or not color:
-            color = next(extra)
+            color, marker = next(extra)
         seen.add(criterion)
         styles[(criterion, label)] = (name, color, marker)
     return styles
@@ -126,10 +131,13 @@ def plot_accuracy_vs_filters(records: list[ResultRecord], path: Path, title: str
         ax.grid(alpha=0.3)
     axes[0].invert_xaxis()  # shared x axis: inverting once flips both; pruning proceeds to the right
     handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
+    columns = min(len(labels), LEGEND_COLUMNS)
+    legend_rows = -(-len(labels) // columns)
+    fig.set_figheight(4.4 + 0.25 * (legend_rows - 1))
+    fig.legend(handles, labels, loc="lower center", ncol=columns, frameon=False)
     spread = f"error bars: ± standard error over {len(seeds)} seeds" if several else f"seed {seeds[0]}"
     fig.suptitle(f"{title}\nmean over {len(targets)} target domain(s); {spread}", fontsize=11)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.tight_layout(rect=(0, 0.02 + 0.06 * legend_rows, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=130)
     plt.close(fig)
