@@ -14,7 +14,7 @@ from dgprune.algorithms import ALGORITHMS, algorithm_name, make_algorithm
 from dgprune.data import dataset_name, load_dataset
 from dgprune.errors import ConfigError, DataError
 from dgprune.experiments.config import build_config, parse_set_overrides
-from dgprune.experiments.demo import DEMO_SETTINGS, _base
+from dgprune.experiments.demo import DEMO_SETTINGS, demo_base_config
 from dgprune.experiments.pipeline import apply_test_env, target_of_test_env
 from dgprune.experiments.sweep import expand_grid, load_sweep
 from dgprune.models import build_model
@@ -98,11 +98,11 @@ def test_set_null_clears_a_file_value(tmp_path: Path) -> None:
 def test_demo_base_is_preset_then_file_then_set_then_flags(tmp_path: Path) -> None:
     path = tmp_path / "demo.yaml"
     path.write_text(yaml.safe_dump({"seed": 4, "prune": {"lr": 0.5, "interval": 5}}))
-    cfg = _base(None, None, {"prune": {"steps": 9}}, path, ["prune.lr=0.05", "device=cpu"])
+    cfg = demo_base_config(None, None, {"prune": {"steps": 9}}, path, ["prune.lr=0.05", "device=cpu"])
     assert cfg.seed == 4 and cfg.device == "cpu"  # not given as flags: the file's and --set's
     assert (cfg.prune.lr, cfg.prune.interval, cfg.prune.steps) == (0.05, 5, 9)
     assert cfg.pretrain.steps == DEMO_SETTINGS["pretrain"]["steps"]  # the preset stands elsewhere
-    assert _base(1, "auto", None, path, None).seed == 1  # a flag wins over the file
+    assert demo_base_config(1, "auto", None, path, None).seed == 1  # a flag wins over the file
 
 
 def _sweep_file(tmp_path: Path) -> Path:

@@ -105,7 +105,8 @@ def _digest(payload: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(salted, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def _read_mapping(path: Path) -> dict[str, Any]:
+def read_mapping(path: Path) -> dict[str, Any]:
+    """A YAML/TOML/JSON file's top-level mapping ({} if empty); ConfigError if missing or invalid."""
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     text = path.read_text()
@@ -237,7 +238,7 @@ def build_config(
     source = str(path) if path else "settings"
     if from_sets:
         source = f"{path} with {SET_OPTION}" if path else SET_OPTION
-    from_file = _read_mapping(path) if path else {}
+    from_file = read_mapping(path) if path else {}
     for given, where in (
         (base or {}, "settings"),
         (from_file, str(path)),

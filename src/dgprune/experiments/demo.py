@@ -35,7 +35,7 @@ TABLE2_ALGORITHMS = ("erm", "coral", "mixup")
 ProgressFactory = Callable[[str], ProgressCallback | None]
 
 
-def _base(
+def demo_base_config(
     seed: int | None,
     device: str | None,
     overrides: dict[str, Any] | None,
@@ -64,7 +64,7 @@ def run_demo(
     """Run (or resume) the demo grid; writes ``out_dir/results.json`` after every model.
 
     ``seed``/``device`` None: the config file's or ``--set``'s, else 0 and auto."""
-    base = _base(seed, device, overrides, config_path, sets)
+    base = demo_base_config(seed, device, overrides, config_path, sets)
     dataset = load_experiment_dataset(base)
     variants = [PruneVariant(c, r) for r in keep_ratios for c in criteria]
     return run_grid(
@@ -94,7 +94,7 @@ def run_table2(
     tensorboard: Path | None = None,
 ) -> list[ResultRecord]:
     """Pretrain with each algorithm; prune with ERM fine-tuning and with the algorithm's own objective."""
-    base = _base(seed, device, overrides, config_path, sets)
+    base = demo_base_config(seed, device, overrides, config_path, sets)
     dataset = load_experiment_dataset(base)
     algorithms = tuple(algorithm_name(a) for a in algorithms)  # ERM, CORAL: DomainBed's spelling
 

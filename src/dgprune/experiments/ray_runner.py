@@ -40,7 +40,7 @@ from dgprune.experiments.sweep import (
     ListSink,
     StoreSink,
     Sweep,
-    _error_text,
+    error_text,
     execute_unit,
     reclaim_dead,
     unit_configs,
@@ -156,7 +156,7 @@ def run_units_ray(
                     try:
                         events = ray.get(ref)
                     except Exception as err:  # lost even after Ray's retries, or could not start
-                        store.fail_unit(unit_id, f"ray task failed: {_error_text(err)}")
+                        store.fail_unit(unit_id, f"ray task failed: {error_text(err)}")
                     else:
                         ListSink(events).replay(sink)
                         store.finish_unit(unit_id)

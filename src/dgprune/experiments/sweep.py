@@ -52,11 +52,11 @@ from dgprune.errors import ConfigError
 from dgprune.experiments.config import (
     SET_OPTION,
     RunConfig,
-    _read_mapping,
     apply_set_overrides,
     build_config,
     check_sections,
     format_validation_error,
+    read_mapping,
     set_override_keys,
 )
 from dgprune.experiments.pipeline import (
@@ -191,21 +191,23 @@ def load_sweep(
     config: str | Path, out: Path | None = None, device: str | None = None, sets: Sequence[str] | None = None
 ) -> Sweep:
     """Read and validate a sweep file (or preset name); expands nothing yet. ``sets``: ``--set KEY=VALUE``
-    items that update the file's ``base`` (a key the grid varies is an error: the grid would win)."""
+    items that update the file's ``base``, which reaches the grid mappings that do not set the key
+    themselves (a key that every grid mapping sets is an error: the grid would always win)."""
     path = resolve_sweep_path(str(config))
     try:
-        spec = SweepFile.model_validate(_read_mapping(path))
+        spec = SweepFile.model_validate(read_mapping(path))
     except ValidationError as err:
         raise ConfigError(f"{path}: invalid sweep file:\n{format_validation_error(err)}") from None
     check_sections(spec.base, f"{path}: base")
     grids = spec.grid if isinstance(spec.grid, list) else [spec.grid]
     if sets:
-        grid_keys = sorted({key for grid in grids for key in grid})
         for key in set_override_keys(sets):
-            clash = [g for g in grid_keys if g == key or g.startswith(key + ".") or key.startswith(g + ".")]
-            if clash:
+            # The base reaches only the grid mappings that do not set the key themselves; a key that
+            # every mapping sets would change nothing, so it is refused rather than ignored.
+            clashes = [_clashing_key(grid, key) for grid in grids]
+            if all(clashes):
                 raise ConfigError(
-                    f"{SET_OPTION} {key}: the grid of {path} sets {clash[0]} for every run; "
+                    f"{SET_OPTION} {key}: the grid of {path} sets {clashes[0]} for every run; "
                     "change it in the grid (or a copy of the file) instead"
                 )
         spec.base = apply_set_overrides(spec.base, sets)
@@ -218,6 +220,12 @@ def load_sweep(
     else:
         directory = path.parent / f"{path.stem}-sweep"
     return Sweep(path.stem, directory, spec.base, grids, spec.sweep, device)
+
+
+def _clashing_key(grid: dict[str, Any], key: str) -> str | None:
+    """The grid key that overrides (or lies inside) the dotted ``key``, if the grid mapping has one."""
+    inside = (g for g in sorted(grid) if g == key or g.startswith(key + ".") or key.startswith(g + "."))
+    return next(inside, None)
 
 
 # -- grid expansion ------------------------------------------------------------------------------
@@ -428,7 +436,8 @@ def describe_result(r: ResultRecord) -> str:
     )
 
 
-def _error_text(err: BaseException) -> str:
+def error_text(err: BaseException) -> str:
+    """The end of ``err``'s traceback, as stored with a failed unit or run."""
     text = "".join(traceback.format_exception(err))
     return text[-4000:]  # the end of a traceback says most
 
@@ -498,7 +507,7 @@ def execute_unit(
             latency = measure_latency_ms(model, ctx.example_input)
             sink.done(unit_id, RunResult(dense, latency, layer_widths(model, pretrained_dir)))
     except Exception as err:
-        error = f"pretraining failed: {_error_text(err)}"
+        error = f"pretraining failed: {error_text(err)}"
         for run_id in [unit_id, *(r.run_id() for r in runs)]:
             if run_id in todo:
                 sink.failed(run_id, error)
@@ -517,7 +526,7 @@ def execute_unit(
             latency = measure_latency_ms(model, run_ctx.example_input)
             sink.done(run_id, RunResult(record, latency, layer_widths(model, out_dir), dense))
         except Exception as err:
-            sink.failed(run_id, _error_text(err))
+            sink.failed(run_id, error_text(err))
 
 
 def unit_configs(store: Store, unit_id: str) -> tuple[RunConfig, list[RunConfig]]:
@@ -661,7 +670,7 @@ def worker_loop(
                 pretrain_config, runs = unit_configs(store, claim.unit_id)
                 execute_unit(pretrain_config, runs, set(claim.run_ids), Path(sweep_dir), sink, device)
             except Exception as err:
-                store.fail_unit(claim.unit_id, _error_text(err))
+                store.fail_unit(claim.unit_id, error_text(err))
             store.finish_unit(claim.unit_id)
             beat.units = set()
             done += 1
