@@ -7,7 +7,7 @@ forward, backward, SGD step (lr 1e-3, momentum 0.9).
   when the model has train-mode BatchNorm, else all in one batch), one backward of the mean risk:
   the gate-overhead reference.
 - ``taylor``: ``per_domain_forward_backward`` (per-domain gate copies, one backward) + Taylor-FO scores.
-- ``ior``:    the same + IoR scores (DESIGN.md §2, Eq. 4).
+- ``ior``:    the same + IoR scores (paper Eq. 4; docs/method.md).
 - ``naive``:  IoR computed the obvious way: one shared gate vector per group, ``N`` separate
   ``torch.autograd.grad(R_i, gates, retain_graph=True)`` calls (one backward per domain, each domain
   forwarded on its own), then the parameter backward of the mean risk, then the IoR formula. Its

@@ -1,7 +1,8 @@
-"""Training algorithms (DESIGN.md §4): DomainBed's definitions, one small class each, registered by name.
+"""Training algorithms: DomainBed's definitions, one small class each, registered by name.
 
 Each exposes ``objective`` (per-domain outputs -> loss, reusable during fine-tuning) and ``update`` (one
-pretraining step with its own Adam). See docs/algorithms.md.
+pretraining step with its own Adam). See docs/algorithms.md (definitions) and docs/architecture.md
+(adding an algorithm).
 """
 
 from __future__ import annotations

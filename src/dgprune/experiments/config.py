@@ -1,4 +1,4 @@
-"""A run's full, validated description (DESIGN.md §7); its id is a hash of it."""
+"""A run's full, validated description (docs/architecture.md, "The flow of a run"); its id is a hash of it."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The stages of one run: pretrain -> prune + fine-tune -> compress -> evaluate (DESIGN.md §1).
+"""The stages of one run: pretrain -> prune + fine-tune -> compress -> evaluate (docs/architecture.md).
 
 Each stage reads and writes a model directory (safetensors + structure.json + metrics.json), so a
 finished stage is never recomputed and an interrupted sequence of stages resumes where it stopped.

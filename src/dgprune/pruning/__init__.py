@@ -1,4 +1,4 @@
-"""Gates, criteria, schedule and surgery: the paper's method (DESIGN.md §2-3)."""
+"""Gates, criteria, schedule and surgery: the paper's method (docs/method.md: gates, scores, compression)."""
 
 from dgprune.pruning.criteria import CRITERIA, Criterion, ScoreInputs, make_criterion
 from dgprune.pruning.gates import GateSet
