@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from conftest import run_cli
 
 from dgprune.errors import ConfigError
-from dgprune.experiments.analysis import analysis_config, analyze_model
+from dgprune.experiments.analysis import analyze_model
+from dgprune.experiments.pipeline import model_dir_config
 from dgprune.models import build_model
 from dgprune.pruning import GateSet, find_channel_groups, remove_channels
 from dgprune.pruning.ood_importance import (
@@ -191,9 +192,9 @@ def test_analyze_command_on_a_pretrained_model(tmp_path):
     assert payload["target_domain"] == "30" and payload["seed"] == 3 and payload["channels_analysed"] == 12
     assert "sample" in payload["channel_selection"] and payload["note"] == TARGET_NOTE
     assert {r["name"] for r in payload["rows"]} >= {"taylor", "ior", "source oracle^2 (Eq. 1)"}
-    cfg = analysis_config(pre, None, {"device": "cpu"})
+    cfg = model_dir_config(pre, None, {"device": "cpu"})
     assert cfg.target == "30" and cfg.seed == 3 and cfg.data.name == "rotated_digits"
     with pytest.raises(ConfigError, match="--channels"):
         analyze_model(pre, cfg, channels=1)
     with pytest.raises(ConfigError, match="not a dgprune model directory"):
-        analysis_config(tmp_path, None, {})
+        model_dir_config(tmp_path, None, {})

@@ -197,6 +197,23 @@ def _tensorboard_run(folder: Path | None, out: Path) -> Path | None:
     return _tensorboard(folder) / out.resolve().name if folder is not None else None
 
 
+def _saved_model_config(
+    model_dir: Path,
+    config: Path | None,
+    set_values: list[str] | None,
+    target: str | None,
+    test_env: int | None,
+    seed: int | None,
+    device: str | None,
+    data_flags: dict[str, Any],
+):
+    """The data, target and split a saved model was trained with, unless flags, --set or --config
+    say otherwise (``evaluate`` and ``analyze``); also the dataset when --test-env loaded it."""
+    flags = {"target": target, "seed": seed, "device": device, "data": data_flags}
+    cfg = model_dir_config(model_dir, config, flags, set_values)
+    return apply_test_env(cfg, test_env, target)
+
+
 def _print_table(table: Table, title: str) -> None:
     rich_table = RichTable(title=title, box=box.SIMPLE_HEAVY)
     for column in table.header:
@@ -513,15 +530,10 @@ def evaluate_cmd(
     from dgprune.experiments.sweep import measure_latency_ms
     from dgprune.pruning.surgery import model_cost
 
-    # The data, target and split the model was trained with, unless flags or --config say otherwise.
-    flags = {
-        "target": target,
-        "seed": seed,
-        "device": device,
-        "data": _data_overrides(data, data_root, image_size, download, skip_bad_images),
-    }
-    cfg = model_dir_config(model_dir, config, flags, set_values)
-    cfg, dataset = apply_test_env(cfg, test_env, target)
+    data_flags = _data_overrides(data, data_root, image_size, download, skip_bad_images)
+    cfg, dataset = _saved_model_config(
+        model_dir, config, set_values, target, test_env, seed, device, data_flags
+    )
     ctx = make_context(cfg, dataset)
     model = ctx.load_model_dir(model_dir)
     acc = evaluate(model, ctx.split, ctx.device)
@@ -580,14 +592,8 @@ def analyze_cmd(
     """
     from dgprune.experiments import analysis
 
-    overrides: dict[str, Any] = {
-        "target": target,
-        "seed": seed,
-        "device": device,
-        "data": _data_overrides(data, data_root, image_size, download, skip_bad_images),
-    }
-    cfg = analysis.analysis_config(model_dir, config, overrides, set_values)
-    cfg, _ = apply_test_env(cfg, test_env, target)
+    data_flags = _data_overrides(data, data_root, image_size, download, skip_bad_images)
+    cfg, _ = _saved_model_config(model_dir, config, set_values, target, test_env, seed, device, data_flags)
     report = analysis.analyze_model(model_dir, cfg, channels, batch_size)
     for line in analysis.summary_lines(report):
         console.print(line, markup=False, highlight=False)

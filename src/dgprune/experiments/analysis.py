@@ -17,7 +17,6 @@ import json
 import math
 import time
 import zlib
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ import torch
 from dgprune.data import Domain
 from dgprune.errors import ConfigError
 from dgprune.experiments.config import RunConfig
-from dgprune.experiments.pipeline import METRICS_FILE, make_context, model_dir_config
+from dgprune.experiments.pipeline import METRICS_FILE, make_context
 from dgprune.experiments.records import write_json_atomic
 from dgprune.pruning.gates import GateSet
 from dgprune.pruning.groups import find_channel_groups
@@ -71,13 +70,6 @@ class AnalysisReport:
             **self.result.to_dict(),
         }
 
-
-def analysis_config(
-    model_dir: Path, config_path: Path | None, overrides: dict[str, Any], sets: Sequence[str] | None = None
-) -> RunConfig:
-    """Flags <- ``--set`` items <- ``--config`` file <- the model directory's run.json settings (data,
-    target, seed, model, pruning scope and BatchNorm mode) <- defaults (see pipeline.model_dir_config)."""
-    return model_dir_config(model_dir, config_path, overrides, sets)
 
 
 def fixed_batch(domain: Domain, size: int, seed: int, salt: str) -> tuple[torch.Tensor, torch.Tensor]:
