@@ -89,11 +89,14 @@ def test_keep_ratio_out_of_range():
             PruningSchedule([10], bad)
 
 
+@pytest.mark.parametrize("round_mode", ["budget", "per_layer"])
 @pytest.mark.parametrize("keep_ratio", [0.5, 0.3, 0.07])
-def test_round_to_gives_multiples_and_keeps_each_groups_best(keep_ratio):
+def test_round_to_gives_multiples_and_keeps_each_groups_best(keep_ratio, round_mode):
     sizes = [64, 128, 128, 256, 3]  # the last group is narrower than 8: never pruned
     fixed = torch.rand(sum(sizes), generator=torch.Generator().manual_seed(0))
-    rounded = PruningSchedule(sizes, keep_ratio, interval=2, max_per_step=100, round_to=8)
+    rounded = PruningSchedule(
+        sizes, keep_ratio, interval=2, max_per_step=100, round_to=8, round_mode=round_mode
+    )
     _run(rounded, lambda: fixed)
     assert rounded.done and rounded.steps_to_target() == 0
     widths = torch.bincount(rounded.group_of[rounded.alive], minlength=len(sizes)).tolist()
@@ -123,3 +126,70 @@ def test_round_to_finishes_when_its_floors_stop_it_above_the_target():
     _run(schedule, lambda: torch.rand(448), max_batches=50)
     assert schedule.done and schedule.num_alive == 32
     assert torch.bincount(schedule.group_of[schedule.alive]).tolist() == [8, 8, 8, 8]
+
+
+def _kept_mass(schedule: PruningSchedule, scores: torch.Tensor) -> float:
+    return float(scores[schedule.alive].sum())
+
+
+def _best_mass_by_enumeration(sizes: list[int], scores: torch.Tensor, q: int, total: int) -> float:
+    """Brute force: every choice of widths (multiples of q, at least q; a group of at most q kept
+    whole) whose sum is ``total``, each group keeping its best channels; the largest score mass."""
+    options, prefix = [], []
+    start = 0
+    for n in sizes:
+        ranked = scores[start : start + n].sort(descending=True).values
+        prefix.append(torch.cat([torch.zeros(1, dtype=scores.dtype), ranked.cumsum(0)]))
+        options.append([n] if n <= q else list(range(q, n + 1 - n % q if n % q else n + 1, q)))
+        start += n
+    best = float("-inf")
+    for widths in itertools.product(*options):
+        if sum(widths) == total:
+            best = max(best, sum(float(p[w]) for p, w in zip(prefix, widths, strict=True)))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("keep_ratio", [0.5, 0.3])
+def test_budget_rounding_keeps_the_most_score_mass_at_the_nearest_total(seed, keep_ratio):
+    """One pruning step (interval 1, no cap): the budget rule's widths equal the brute-force optimum
+    over all widths that are multiples of q and sum to the multiple of q nearest the target."""
+    sizes, q = [24, 16, 32, 9, 3, 20], 4
+    generator = torch.Generator().manual_seed(seed)
+    # Signed, unequal scales per group: the optimum is not simply "round every group alike".
+    scale = torch.cat([torch.full((n,), 1.0 + i) for i, n in enumerate(sizes)])
+    scores = (torch.randn(sum(sizes), generator=generator, dtype=torch.float64) + 0.3) * scale
+    schedule = PruningSchedule(sizes, keep_ratio, interval=1, max_per_step=10_000, round_to=q)
+    schedule.observe(scores)
+    schedule.step()
+    assert schedule.done
+    widths = torch.bincount(schedule.group_of[schedule.alive], minlength=len(sizes)).tolist()
+    fixed = 3  # the group of 3 is narrower than q and kept whole
+    total = fixed + q * round((schedule.target - fixed) / q)
+    assert sum(widths) == total, (widths, schedule.target)
+    assert all(w % q == 0 for w, n in zip(widths, sizes, strict=True) if n > q)
+    assert _kept_mass(schedule, scores) == pytest.approx(_best_mass_by_enumeration(sizes, scores, q, total))
+
+
+def test_budget_rounding_hits_the_nearest_total_where_per_layer_rounding_drifts():
+    """MNIST_CNN-like widths, keep 0.3 (target 134) over 4 capped steps: the budget rule always ends at
+    136, the multiple of 8 nearest 134, while rounding each layer alone drifts (120-136 here)."""
+    sizes = [32, 64, 64, 128, 160]
+    totals = {"budget": set(), "per_layer": set()}
+    for seed in range(10):
+        scores = torch.rand(sum(sizes), generator=torch.Generator().manual_seed(seed)) ** 3
+        runs = {}
+        for mode in totals:
+            schedule = PruningSchedule(sizes, 0.3, interval=1, max_per_step=100, round_to=8, round_mode=mode)
+            _run(schedule, lambda scores=scores: scores)
+            runs[mode] = schedule
+            totals[mode].add(schedule.num_alive)
+        if runs["budget"].num_alive == runs["per_layer"].num_alive:  # same total: never less score mass
+            assert _kept_mass(runs["budget"], scores) >= _kept_mass(runs["per_layer"], scores) - 1e-6
+    assert totals["budget"] == {136}
+    assert min(totals["per_layer"]) < 128
+
+
+def test_unknown_round_mode_is_refused():
+    with pytest.raises(ValueError, match="round_mode must be one of budget, per_layer"):
+        PruningSchedule([16], 0.5, round_to=8, round_mode="nearest")

@@ -81,6 +81,9 @@ class RunConfig(_Strict):
         for key, default in _LATER_PRUNE_DEFAULTS.items():
             if prune.get(key, default) == default:
                 prune.pop(key, None)
+        # round_mode came with the budget rule; runs rounded before it used per_layer and keep their ids.
+        if prune.get("round_to", 1) == 1 or prune.get("round_mode") == "per_layer":
+            prune.pop("round_mode", None)
         if "criterion_params" in prune:
             # Ids were first computed with a top-level prune.alpha (1.0 unless set, for every criterion)
             # and no criterion_params: keep that form, so that existing results keep their ids.

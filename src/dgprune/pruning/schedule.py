@@ -6,20 +6,35 @@ interval the alive channels of all groups are ranked globally and the lowest are
 most ``max_per_step`` at a time, until exactly ``target`` channels remain. A group is never
 emptied, and pruned channels never return.
 
-With ``round_to = q > 1`` the last pruning step also rounds every group's width to a multiple of q
-(the nearest one, but never above the width before that step nor below q), keeping each group's
-highest-scored channels; no step takes a group below q, and a group narrower than q is never pruned.
-Convolutions whose widths are multiples of 8 run faster (docs/benchmarks.md); the total kept then
-differs from the target by up to about q/2 per group. When those floors of q stop the pruning
+With ``round_to = q > 1`` the last pruning step makes every group's width a multiple of q (a
+group narrower than q is never pruned, and no step takes a group below q); convolutions whose widths
+are multiples of 8 run faster (docs/benchmarks.md). Two rules choose the widths (``round_mode``):
+
+- ``budget``: the widths whose total is the multiple of q nearest the target and that keep the most
+  score mass. Every group starts at q (or its alive width if smaller) and blocks of q of its next
+  best channels are added, the block with the largest score sum first, until the total is reached.
+  Since each group's channels are taken best first, a block's sum never grows along a group, so this
+  greedy choice is optimal; it follows the global ranking, one block of q at a time.
+  To leave that choice open, the steps before the last stop q channels per group above the target
+  (channels never return), and the last step may remove up to max(``max_per_step``, q x groups)
+  channels, a few more when rounding goes down.
+- ``per_layer``: each group's width from the ranking, rounded on its own to the nearest multiple of
+  q (never above the width before that step); the total then differs from the target by up to about
+  q/2 per group. (The only rule of dgprune 0.1.0; its results keep their run ids.)
+
+Either way each group keeps its highest-scored channels. When the floors of q stop the pruning
 above the target (a very small keep ratio), that step is the last.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Literal
 
 import torch
+
+RoundMode = Literal["budget", "per_layer"]
+ROUND_MODES: tuple[str, ...] = ("budget", "per_layer")
 
 
 def target_channels(total: int, keep_ratio: float, num_groups: int) -> int:
@@ -38,9 +53,12 @@ class PruningSchedule:
         max_per_step: int = 100,
         momentum: float = 0.9,
         round_to: int = 1,
+        round_mode: RoundMode = "budget",
     ) -> None:
         if interval < 1 or max_per_step < 1 or round_to < 1 or not 0.0 <= momentum < 1.0:
             raise ValueError("interval, max_per_step and round_to must be >= 1 and momentum in [0, 1)")
+        if round_mode not in ROUND_MODES:
+            raise ValueError(f"round_mode must be one of {', '.join(ROUND_MODES)}, got {round_mode!r}")
         self.group_sizes = list(group_sizes)
         self.group_of = torch.cat(
             [torch.full((n,), i, dtype=torch.long) for i, n in enumerate(self.group_sizes)]
@@ -51,6 +69,7 @@ class PruningSchedule:
         self.max_per_step = max_per_step
         self.momentum = momentum
         self.round_to = round_to
+        self.round_mode = round_mode
         self.finished = False  # set by the last step (with rounding the count may end above target)
         # Fewest channels a group may keep: 1, or with rounding q (its size if narrower).
         self._floor = [min(round_to, n) if round_to > 1 else 1 for n in self.group_sizes]
@@ -90,15 +109,33 @@ class PruningSchedule:
             self.ema = interval_mean
         else:
             self.ema = self.momentum * self.ema + (1.0 - self.momentum) * interval_mean
-        budget = min(self.max_per_step, self.num_alive - self.target)
-        chosen = self._lowest_prunable(self.ema, budget)
-        # The last step: the target is reached, or the floors of `round_to` allow no further pruning.
-        if self.num_alive - len(chosen) <= self.target or len(chosen) < budget:
-            if self.round_to > 1:
-                chosen = self._rounded(chosen, self.ema)
-            self.finished = True
+        if self.round_to > 1 and self.round_mode == "budget":
+            chosen = self._budget_step(self.ema)
+        else:
+            budget = min(self.max_per_step, self.num_alive - self.target)
+            chosen = self._lowest_prunable(self.ema, budget)
+            # The last step: the target is reached, or the floors of `round_to` allow no further pruning.
+            if self.num_alive - len(chosen) <= self.target or len(chosen) < budget:
+                if self.round_to > 1:
+                    chosen = self._rounded(chosen, self.ema)
+                self.finished = True
         self.alive[chosen] = False
         return chosen
+
+    def _budget_step(self, scores: torch.Tensor) -> torch.Tensor:
+        """A step of the budget rule. The steps before the last stop ``round_to`` channels per group
+        above the target, so that the last one can still reach the multiple of q nearest the target
+        by rounding every group down (pruned channels never return)."""
+        margin = self.round_to * len(self.group_sizes)
+        gap = self.num_alive - self.target
+        if gap > max(self.max_per_step, margin):
+            budget = min(self.max_per_step, gap - margin)
+            chosen = self._lowest_prunable(scores, budget)
+            if len(chosen) == budget:
+                return chosen
+            # the floors of q stop the pruning above the target: this step becomes the last
+        self.finished = True
+        return self._budget_rounded(scores)
 
     def _rounded(self, chosen: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """Replace the last step's choice: per group, keep the best ``width`` alive channels, where
@@ -114,6 +151,33 @@ class PruningSchedule:
                 width = min(max(q * math.floor(width / q + 0.5), q), q * (len(alive_now) // q))
             ranked = alive_now[torch.argsort(scores[alive_now], descending=True, stable=True)]
             pruned.append(ranked[width:])
+        return torch.cat(pruned).sort().values
+
+    def _budget_rounded(self, scores: torch.Tensor) -> torch.Tensor:
+        """The last step of the budget rule: from the alive channels, widths that are multiples of
+        ``round_to``, sum to the multiple of it nearest the target, and keep the most score mass."""
+        q = self.round_to
+        ranked_per_group: list[torch.Tensor] = []
+        widths: list[int] = []
+        blocks: list[tuple[float, int, int]] = []  # (score sum, group, block index) of addable blocks
+        for group in range(len(self.group_sizes)):
+            alive_now = torch.nonzero(self.alive & (self.group_of == group)).flatten()
+            ranked = alive_now[torch.argsort(scores[alive_now], descending=True, stable=True)]
+            ranked_per_group.append(ranked)
+            if len(ranked) <= q:  # narrower than q (never pruned), or exactly one block: kept whole
+                widths.append(len(ranked))
+                continue
+            widths.append(q)
+            sums = scores[ranked[q : q * (len(ranked) // q)]].reshape(-1, q).sum(dim=1)
+            blocks += [(float(total), group, index) for index, total in enumerate(sums.tolist())]
+        fixed = sum(widths)
+        wanted = max(math.floor((self.target - fixed) / q + 0.5), 0)
+        # Within a group the blocks' sums never increase, so the best blocks overall come in each
+        # group's own order; ties go to the earlier group, then the earlier block (deterministic).
+        blocks.sort(key=lambda block: (-block[0], block[1], block[2]))
+        for _, group, _ in blocks[:wanted]:
+            widths[group] += q
+        pruned = [ranked[width:] for ranked, width in zip(ranked_per_group, widths, strict=True)]
         return torch.cat(pruned).sort().values
 
     def _lowest_prunable(self, scores: torch.Tensor, budget: int) -> torch.Tensor:

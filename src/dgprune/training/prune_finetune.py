@@ -92,6 +92,7 @@ def prune_and_finetune(
         settings.max_per_step,
         settings.ema,
         settings.round_to,
+        settings.round_mode,
     )
     optimizer = torch.optim.SGD(
         model.parameters(), lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay

@@ -16,6 +16,7 @@ from dgprune.pruning.criteria import (
     criterion_param_names,
     validate_criterion_params,
 )
+from dgprune.pruning.schedule import RoundMode
 from dgprune.pruning.scoring import BnMode
 
 
@@ -77,8 +78,13 @@ class PruneSettings(_Strict):
     round_to: int = Field(
         1,
         ge=1,
-        description="round each layer's final width to a multiple of this (8: faster convolutions); "
+        description="make each layer's final width a multiple of this (8: faster convolutions); "
         "filters kept may then differ slightly from keep_ratio",
+    )
+    round_mode: RoundMode = Field(
+        "budget",
+        description="how round_to picks the widths: budget (the total nearest the target, blocks of "
+        "round_to channels chosen by score mass across layers) or per_layer (each layer rounded alone)",
     )
     ema: float = Field(0.9, ge=0, lt=1, description="momentum of the score moving average across intervals")
     steps: int = Field(
