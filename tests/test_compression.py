@@ -93,8 +93,8 @@ def test_classifier_outputs_never_gated():
 
 @pytest.mark.parametrize(("name", "pixels"), [("resnet18", 16), ("mnist_cnn", 8)])
 def test_onnx_export_of_compressed_model_matches(tmp_path, name, pixels):
-    pytest.importorskip("onnx")
-    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx", reason="onnx is not installed (pip install -e '.[onnx]')")
+    ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (it is in the dev extra)")
     from dgprune.pruning.surgery import export_onnx
 
     model = build_model(name, num_classes=5, in_channels=3, small_input=True)
