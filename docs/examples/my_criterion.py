@@ -6,22 +6,24 @@ domain's absolute first-order Taylor contribution ``c_{i,m} = G_{i,m} g_m`` (not
 sign in two domains do not cancel: a channel that one domain needs and another would rather lose is
 kept. With one source domain it is ``sqrt(taylor)``, so it ranks channels exactly as ``taylor`` does.
 
-To ship it, copy ``mean_abs_taylor_scores`` into ``src/dgprune/pruning/criteria.py`` and add the
-``CriterionSpec`` line to ``_SPECS`` there. Without editing the package, a test (or a notebook) can
-use it through ``make_criterion`` by putting ``SPEC`` into ``REGISTRY``::
+To ship it, copy this file to ``src/dgprune/pruning/mean_abs_taylor.py`` and add its one registry
+line to ``_SPECS`` in ``src/dgprune/pruning/criteria.py`` (with the import of the module)::
 
-    monkeypatch.setitem(REGISTRY, SPEC.name, SPEC)
+    mean_abs_taylor.SPEC,
+
+Without editing the package, a test (or a notebook) registers it at run time; it is then accepted
+wherever a criterion is named (``prune.criterion`` in configs and sweeps run in this process,
+``make_criterion``...)::
+
+    monkeypatch.setitem(REGISTRY, SPEC.name, SPEC)  # or REGISTRY.register(SPEC.name, SPEC)
     scores = make_criterion("mean_abs_taylor").score(inputs)
-
-(run configs validate ``prune.criterion`` against ``CRITERIA``, the names of ``_SPECS``, so a config
-or a sweep accepts the name only once the spec is in ``_SPECS``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from dgprune.pruning.criteria import CriterionSpec, ScoreInputs, contributions
+from dgprune.pruning.criterion_spec import CriterionSpec, ScoreInputs, contributions, plain
 
 
 def mean_abs_taylor_scores(inputs: ScoreInputs) -> torch.Tensor:
@@ -29,10 +31,6 @@ def mean_abs_taylor_scores(inputs: ScoreInputs) -> torch.Tensor:
     return contributions(inputs).abs().mean(dim=0)
 
 
-# The registry entry: the score takes (inputs, validated parameters); this criterion has no parameters,
-# so it ignores the second argument (the default ``params`` model, NoParams, accepts none).
-SPEC = CriterionSpec(
-    "mean_abs_taylor",
-    lambda inputs, _params: mean_abs_taylor_scores(inputs),
-    needs_gradients=True,
-)
+# The registry entry: the score takes (inputs, validated parameters); ``plain`` adapts a score function
+# without parameters (the default ``params`` model, NoParams, accepts none).
+SPEC = CriterionSpec("mean_abs_taylor", plain(mean_abs_taylor_scores), needs_gradients=True)

@@ -1,16 +1,12 @@
 """Training algorithms: DomainBed's definitions, one small class each, registered by name.
 
 Each exposes ``objective`` (per-domain outputs -> loss, reusable during fine-tuning) and ``update`` (one
-pretraining step with its own Adam). See docs/algorithms.md (definitions) and docs/architecture.md
+pretraining step with its own Adam). The registry (``algorithms/registry.py``) owns their names and
+hyper-parameters. See docs/algorithms.md (definitions, hyper-parameters) and docs/architecture.md
 (adding an algorithm).
 """
 
 from __future__ import annotations
-
-from collections.abc import Mapping
-from typing import Any
-
-from torch import nn
 
 from dgprune.algorithms.base import (
     Algorithm,
@@ -24,34 +20,23 @@ from dgprune.algorithms.base import (
 from dgprune.algorithms.coral import CORAL
 from dgprune.algorithms.erm import ERM
 from dgprune.algorithms.groupdro import GroupDRO
-from dgprune.algorithms.hparams import HPARAM_DOCS, DataKind, default_hparams
+from dgprune.algorithms.hparams import OPTIMISER_KEYS, DataKind, HParam, LogUniform
 from dgprune.algorithms.irm import IRM
 from dgprune.algorithms.mixup import Mixup
+from dgprune.algorithms.registry import (
+    ALGORITHMS,
+    algorithm_name,
+    default_hparams,
+    hparam_docs,
+    hparam_specs,
+    make_algorithm,
+    optimiser_defaults,
+    pretrain_section,
+    random_hparams,
+)
 from dgprune.algorithms.vrex import VREx
-from dgprune.names import resolve_name
 
-ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (ERM, CORAL, Mixup, VREx, GroupDRO, IRM)}
-
-
-def algorithm_name(name: str) -> str:
-    """The canonical name of algorithm ``name`` in any case or DomainBed's spelling (``ERM``, ``VREx``,
-    ``GroupDRO``); ConfigError listing the valid names otherwise."""
-    return resolve_name(name, ALGORITHMS, "algorithm")
-
-
-def make_algorithm(
-    name: str,
-    model: nn.Module,
-    num_domains: int,
-    hparams: Mapping[str, Any] | None = None,
-    *,
-    data_kind: DataKind = "image",
-) -> Algorithm:
-    """The algorithm ``name`` for ``model`` over ``num_domains`` source domains; ``hparams`` override
-    ``default_hparams(name, data_kind)`` (an unknown key is a ConfigError)."""
-    name = algorithm_name(name)
-    return ALGORITHMS[name](model, num_domains, hparams, data_kind=data_kind)
-
+HPARAM_DOCS: dict[str, str] = hparam_docs()
 
 __all__ = [
     "ALGORITHMS",
@@ -59,18 +44,25 @@ __all__ = [
     "ERM",
     "HPARAM_DOCS",
     "IRM",
+    "OPTIMISER_KEYS",
     "Algorithm",
     "AnnealedPenaltyAlgorithm",
     "DataKind",
     "DomainOutput",
     "ForwardFn",
     "GroupDRO",
+    "HParam",
+    "LogUniform",
     "Minibatches",
     "Mixup",
     "VREx",
     "algorithm_name",
     "default_hparams",
     "domain_risks",
+    "hparam_specs",
     "make_algorithm",
+    "optimiser_defaults",
+    "pretrain_section",
+    "random_hparams",
     "split_by_domain",
 ]

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dgprune.algorithms.hparams import DataKind, merge_hparams
+from dgprune.algorithms.hparams import DataKind, HParam, merge_hparams
 from dgprune.errors import ConfigError
 from dgprune.models.features import forward_with_features
 
@@ -53,8 +53,9 @@ def domain_risks(outputs: Sequence[DomainOutput]) -> torch.Tensor:
 class Algorithm:
     """A training algorithm over one mini-batch per source domain.
 
-    Subclasses set ``name``, ``forward_mode`` and implement ``objective``; state other than the model
-    (e.g. GroupDRO's domain weights) goes through ``_extra_state`` / ``_load_extra_state``.
+    Subclasses set ``name``, ``forward_mode`` and ``own_hparams`` and implement ``objective``; state
+    other than the model (e.g. GroupDRO's domain weights) goes through ``_extra_state`` /
+    ``_load_extra_state``.
     """
 
     name: ClassVar[str] = "base"
@@ -65,6 +66,9 @@ class Algorithm:
     # concatenated batch, one forward per domain, or none (Mixup only forwards mixed inputs).
     # It matters for train-mode BatchNorm, whose statistics depend on which samples share a forward.
     forward_mode: ClassVar[ForwardMode] = "concat"
+    # The algorithm's own hyper-parameters (defaults, random-search distributions, docs); the common
+    # ones (lr, weight_decay, batch_size, seed) are in algorithms/hparams.py.
+    own_hparams: ClassVar[Mapping[str, HParam]] = {}
 
     def __init__(
         self,
@@ -82,7 +86,7 @@ class Algorithm:
         self.model = model
         self.num_domains = num_domains
         self.hparams: dict[str, Any] = merge_hparams(
-            self.name, dict(hparams) if hparams is not None else None, data_kind
+            self.name, self.own_hparams, dict(hparams) if hparams is not None else None, data_kind
         )
         self.optimizer = self._new_optimizer()
         self.step_count = 0  # completed steps; VREx/IRM read it for their penalty annealing

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Mapping
+from typing import ClassVar
 
 import torch
 
 from dgprune.algorithms.base import Algorithm, DomainOutput, ForwardFn, Minibatches, domain_risks
+from dgprune.algorithms.hparams import HParam, LogUniform
 
 
 def coral_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -24,6 +27,11 @@ class CORAL(Algorithm):
 
     name = "coral"
     forward_mode = "per_domain"  # DomainBed's CORAL featurizes each domain's mini-batch separately
+    own_hparams: ClassVar[Mapping[str, HParam]] = {
+        "mmd_gamma": HParam(
+            1.0, LogUniform(-1, 1), "CORAL: weight of the mean + covariance alignment penalty"
+        ),
+    }
 
     def objective(
         self, outputs: list[DomainOutput], minibatches: Minibatches, forward: ForwardFn

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from dgprune.algorithms.base import Algorithm, DomainOutput, ForwardFn, Minibatches, domain_risks
+from dgprune.algorithms.hparams import HParam, LogUniform
 
 
 class GroupDRO(Algorithm):
@@ -19,6 +20,13 @@ class GroupDRO(Algorithm):
 
     name = "groupdro"
     forward_mode = "per_domain"  # DomainBed forwards each domain's mini-batch separately
+    own_hparams: ClassVar[Mapping[str, HParam]] = {
+        "groupdro_eta": HParam(
+            0.01,
+            LogUniform(-3, -1),
+            "GroupDRO: step size of the exponentiated-gradient update of the domain weights q",
+        ),
+    }
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -1,65 +1,119 @@
-"""Default hyper-parameters of the training algorithms: DomainBed's registry (``hparams_registry.py``).
+"""Hyper-parameters of the training algorithms: DomainBed's defaults and its random-search distributions.
 
-DomainBed distinguishes its small-image datasets (RotatedMNIST, ColoredMNIST: ``"mnist"`` here) from
-the others (PACS, VLCS, OfficeHome, TerraIncognita, DomainNet: ``"image"``); only lr and batch size
-differ between the two.
+Every hyper-parameter is an :class:`HParam`: its default, the distribution DomainBed's random search
+draws it from, and one line of documentation. The keys every algorithm accepts (lr, weight_decay,
+batch_size, seed) are here, by data kind (``dgprune.registry.DataKind``: DomainBed's small-image
+datasets are ``"mnist"``, the others ``"image"``; only the optimiser settings differ between them);
+each algorithm declares its own keys on its class (``Algorithm.own_hparams``). The by-name functions
+(``default_hparams``, ``random_hparams``...) are in ``algorithms/registry.py``. Facts and ranges:
+docs/algorithms.md.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import hashlib
+import math
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 from dgprune.errors import ConfigError
+from dgprune.registry import DATA_KINDS, DataKind
 
-DataKind = Literal["image", "mnist"]
+__all__ = [
+    "OPTIMISER_KEYS",
+    "DataKind",
+    "HParam",
+    "LogUniform",
+    "common_hparams",
+    "draw_hparams",
+    "merge_hparams",
+]
 
-# Keys every algorithm accepts.
-_COMMON: dict[str, dict[str, Any]] = {
-    "image": {"lr": 5e-5, "weight_decay": 0.0, "batch_size": 32, "seed": 0},
-    "mnist": {"lr": 1e-3, "weight_decay": 0.0, "batch_size": 64, "seed": 0},
+
+@dataclass(frozen=True)
+class LogUniform:
+    """``base ** u`` with ``u`` uniform in ``[low, high]``, truncated to an int when ``integer``: the form
+    of all of DomainBed's draws for the algorithms here."""
+
+    low: float
+    high: float
+    base: float = 10.0
+    integer: bool = False
+
+    def draw(self, rng: random.Random) -> float | int:
+        value = self.base ** rng.uniform(self.low, self.high)
+        return int(value) if self.integer else value
+
+    @property
+    def bounds(self) -> tuple[float, float]:
+        """The smallest and largest value a draw can take."""
+        low, high = self.base**self.low, self.base**self.high
+        return (math.floor(low), math.floor(high)) if self.integer else (low, high)
+
+    def describe(self) -> str:
+        text = f"{self.base:g}^U({self.low:g}, {self.high:g})"
+        return f"int({text})" if self.integer else text
+
+
+@dataclass(frozen=True)
+class HParam:
+    """One hyper-parameter: its default, its random-search distribution (None: the search keeps the
+    default, as DomainBed does for e.g. MNIST-type weight decay) and what it means."""
+
+    default: Any
+    search: LogUniform | None
+    doc: str
+
+
+# Keys every algorithm accepts, by data kind (DomainBed's registry: lr, weight_decay and batch_size
+# depend on the dataset only). DomainBed narrows DomainNet's batch-size draw to int(2^U(3, 5)); the
+# "image" kind here draws every image dataset from the wider range.
+_SEED = HParam(0, None, "seed of the algorithm's own random draws (only Mixup draws any: pairing and lambda)")
+_COMMON: dict[str, dict[str, HParam]] = {
+    "mnist": {
+        "lr": HParam(
+            1e-3, LogUniform(-4.5, -2.5), "learning rate of the algorithm's Adam optimiser (pretraining)"
+        ),
+        "weight_decay": HParam(0.0, None, "Adam's L2 weight decay"),
+        "batch_size": HParam(64, LogUniform(3, 9, base=2, integer=True), "mini-batch size per source domain"),
+        "seed": _SEED,
+    },
+    "image": {
+        "lr": HParam(
+            5e-5, LogUniform(-5, -3.5), "learning rate of the algorithm's Adam optimiser (pretraining)"
+        ),
+        "weight_decay": HParam(0.0, LogUniform(-6, -2), "Adam's L2 weight decay"),
+        "batch_size": HParam(
+            32, LogUniform(3, 5.5, base=2, integer=True), "mini-batch size per source domain"
+        ),
+        "seed": _SEED,
+    },
 }
 
-# Each algorithm's own keys (same for both data kinds in DomainBed).
-_OWN: dict[str, dict[str, Any]] = {
-    "erm": {},
-    "coral": {"mmd_gamma": 1.0},
-    "mixup": {"mixup_alpha": 0.2, "mixup_fixed_lambda": None},
-    "vrex": {"vrex_lambda": 10.0, "vrex_penalty_anneal_iters": 500},
-    "groupdro": {"groupdro_eta": 0.01},
-    "irm": {"irm_lambda": 100.0, "irm_penalty_anneal_iters": 500},
-}
-
-HPARAM_DOCS: dict[str, str] = {
-    "lr": "learning rate of the algorithm's Adam optimiser (pretraining)",
-    "weight_decay": "Adam's L2 weight decay",
-    "batch_size": "mini-batch size per source domain (read by the caller that draws the batches)",
-    "seed": "seed of the algorithm's own random draws (only Mixup draws any: pairing and lambda)",
-    "mmd_gamma": "CORAL: weight of the mean + covariance alignment penalty",
-    "mixup_alpha": "Mixup: lambda ~ Beta(alpha, alpha)",
-    "mixup_fixed_lambda": "Mixup: use this lambda instead of drawing one (tests, ablations); None = draw",
-    "vrex_lambda": "VREx: weight of the risk-variance penalty once annealing is over",
-    "vrex_penalty_anneal_iters": "VREx: steps with penalty weight 1 before vrex_lambda (Adam is reset then)",
-    "groupdro_eta": "GroupDRO: step size of the exponentiated-gradient update of the domain weights q",
-    "irm_lambda": "IRM: weight of the invariance penalty once annealing is over",
-    "irm_penalty_anneal_iters": "IRM: steps with penalty weight 1 before irm_lambda (Adam is reset then)",
-}
+# The optimiser settings, which a run config holds as pretrain.lr / weight_decay / batch_size.
+OPTIMISER_KEYS: tuple[str, ...] = ("lr", "weight_decay", "batch_size")
 
 
-def default_hparams(algorithm: str, data_kind: DataKind = "image") -> dict[str, Any]:
-    """DomainBed's default hyper-parameters of ``algorithm`` for ``data_kind`` (a fresh dict)."""
-    if algorithm not in _OWN:
-        raise ConfigError(f"unknown algorithm {algorithm!r}; valid: {', '.join(_OWN)}")
+def common_hparams(data_kind: str) -> dict[str, HParam]:
+    """The keys every algorithm accepts, for ``data_kind`` ("mnist" or "image"; a fresh dict)."""
     if data_kind not in _COMMON:
-        raise ConfigError(f"unknown data kind {data_kind!r}; valid: {', '.join(_COMMON)}")
-    return {**_COMMON[data_kind], **_OWN[algorithm]}
+        raise ConfigError(f"unknown data kind {data_kind!r}; valid: {', '.join(DATA_KINDS)}")
+    return dict(_COMMON[data_kind])
 
 
 def merge_hparams(
-    algorithm: str, overrides: dict[str, Any] | None, data_kind: DataKind = "image"
+    algorithm: str,
+    own: Mapping[str, HParam],
+    overrides: Mapping[str, Any] | None,
+    data_kind: DataKind = "image",
 ) -> dict[str, Any]:
-    """Defaults updated with ``overrides``; a key the algorithm does not know is a ConfigError (a typo
-    must not silently train with the default)."""
-    hparams = default_hparams(algorithm, data_kind)
+    """The defaults of ``algorithm`` (its ``own`` keys and the common ones for ``data_kind``) updated with
+    ``overrides``; a key the algorithm does not know is a ConfigError (a typo must not silently train
+    with the default)."""
+    specs = {**common_hparams(data_kind), **own}
+    hparams = {key: spec.default for key, spec in specs.items()}
     if overrides is None:
         return hparams
     unknown = sorted(set(overrides) - set(hparams))
@@ -70,3 +124,24 @@ def merge_hparams(
         )
     hparams.update(overrides)
     return hparams
+
+
+def draw_hparams(
+    specs: Mapping[str, HParam], seed: int, fixed: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """One draw of DomainBed's random search over ``specs``: each key from its own generator, seeded by a
+    hash of (``seed``, key), so a key's value does not depend on which other keys exist (as in
+    DomainBed); keys without a distribution keep their default; ``fixed`` values win over the draws."""
+    values: dict[str, Any] = {}
+    for key, spec in specs.items():
+        if spec.search is None:
+            values[key] = spec.default
+            continue
+        digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+        values[key] = spec.search.draw(random.Random(int.from_bytes(digest[:8], "big")))
+    if fixed:
+        unknown = sorted(set(fixed) - set(specs))
+        if unknown:
+            raise ConfigError(f"unknown hyper-parameter {unknown[0]!r}; valid: {', '.join(sorted(specs))}")
+        values.update(fixed)
+    return values

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import autograd
 
 from dgprune.algorithms.base import AnnealedPenaltyAlgorithm, DomainOutput, ForwardFn, Minibatches
+from dgprune.algorithms.hparams import HParam, LogUniform
 
 
 def irm_penalty(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -28,6 +32,16 @@ class IRM(AnnealedPenaltyAlgorithm):
     forward_mode = "concat"
     lambda_key = "irm_lambda"
     anneal_key = "irm_penalty_anneal_iters"
+    own_hparams: ClassVar[Mapping[str, HParam]] = {
+        "irm_lambda": HParam(
+            100.0, LogUniform(-1, 5), "IRM: weight of the invariance penalty once annealing is over"
+        ),
+        "irm_penalty_anneal_iters": HParam(
+            500,
+            LogUniform(0, 4, integer=True),
+            "IRM: steps with penalty weight 1 before irm_lambda (Adam is reset then)",
+        ),
+    }
 
     def objective(
         self, outputs: list[DomainOutput], minibatches: Minibatches, forward: ForwardFn

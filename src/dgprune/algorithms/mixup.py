@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from dgprune.algorithms.base import Algorithm, DomainOutput, ForwardFn, Minibatches
+from dgprune.algorithms.hparams import HParam, LogUniform
 
 
 class Mixup(Algorithm):
@@ -22,6 +23,12 @@ class Mixup(Algorithm):
 
     name = "mixup"
     forward_mode = "none"  # the per-domain outputs are not used: only mixed inputs are forwarded
+    own_hparams: ClassVar[Mapping[str, HParam]] = {
+        "mixup_alpha": HParam(0.2, LogUniform(-1, 1), "Mixup: lambda ~ Beta(alpha, alpha)"),
+        "mixup_fixed_lambda": HParam(
+            None, None, "Mixup: use this lambda instead of drawing one (tests, ablations); None = draw"
+        ),
+    }
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import ClassVar
+
 import torch
 
 from dgprune.algorithms.base import (
@@ -11,6 +14,7 @@ from dgprune.algorithms.base import (
     Minibatches,
     domain_risks,
 )
+from dgprune.algorithms.hparams import HParam, LogUniform
 
 
 class VREx(AnnealedPenaltyAlgorithm):
@@ -20,6 +24,16 @@ class VREx(AnnealedPenaltyAlgorithm):
     forward_mode = "concat"
     lambda_key = "vrex_lambda"
     anneal_key = "vrex_penalty_anneal_iters"
+    own_hparams: ClassVar[Mapping[str, HParam]] = {
+        "vrex_lambda": HParam(
+            10.0, LogUniform(-1, 5), "VREx: weight of the risk-variance penalty once annealing is over"
+        ),
+        "vrex_penalty_anneal_iters": HParam(
+            500,
+            LogUniform(0, 4, integer=True),
+            "VREx: steps with penalty weight 1 before vrex_lambda (Adam is reset then)",
+        ),
+    }
 
     def objective(
         self, outputs: list[DomainOutput], minibatches: Minibatches, forward: ForwardFn

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from dgprune.data.batches import DomainBatches, iterate_batches, probe_batch
 from dgprune.data.digit_styles import load_colored_digits, load_styled_digits
@@ -13,7 +14,7 @@ from dgprune.data.image_folder import NAMED_DATASETS, SkippedImagesWarning, load
 from dgprune.data.mnist import load_colored_mnist, load_rotated_mnist, read_idx, write_idx
 from dgprune.data.splits import LodoSplit, make_lodo_split, split_domain
 from dgprune.errors import ConfigError, DataError
-from dgprune.names import canonical_name, unknown_name_message
+from dgprune.registry import DATA_KINDS, DataKind, Registry
 
 DatasetLoader = Callable[..., MultiDomainDataset]
 
@@ -25,23 +26,40 @@ RESULT_NEUTRAL_OPTIONS = frozenset(
     {"root", "files", "download", "cache", "cache_dir", "workers", "stream", "memory_budget_gb"}
 )
 
-_DATASETS: dict[str, DatasetLoader] = {
-    "rotated_digits": load_rotated_digits,
-    "styled_digits": load_styled_digits,
-    "colored_digits": load_colored_digits,
-    "rotated_mnist": load_rotated_mnist,
-    "colored_mnist": load_colored_mnist,
-    **{key: named_loader(key) for key in NAMED_DATASETS},
-}
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """A registered dataset: its loader and its kind, known before loading it (the kind chooses the
+    algorithms' default optimiser settings when a run config is built, docs/algorithms.md)."""
+
+    loader: DatasetLoader
+    data_kind: DataKind
 
 
-def register_dataset(name: str, loader: DatasetLoader) -> None:
-    """Make `load_dataset(name, **options)` call `loader(**options)`."""
-    _DATASETS[name] = loader
+# Listed sorted in errors; folder:/path datasets are handled by load_dataset, outside the registry.
+DATASETS: Registry[DatasetEntry] = Registry(
+    "dataset", error=DataError, sort_names=True, extra_names=(f"{FOLDER_PREFIX}/path",)
+)
+DATASETS.register("rotated_digits", DatasetEntry(load_rotated_digits, "mnist"))
+DATASETS.register("styled_digits", DatasetEntry(load_styled_digits, "mnist"))
+DATASETS.register("colored_digits", DatasetEntry(load_colored_digits, "mnist"))
+DATASETS.register("rotated_mnist", DatasetEntry(load_rotated_mnist, "mnist"))
+DATASETS.register("colored_mnist", DatasetEntry(load_colored_mnist, "mnist"))
+for _key in NAMED_DATASETS:  # pacs, vlcs, office_home, terra_incognita, domain_net
+    DATASETS.register(_key, DatasetEntry(named_loader(_key), "image"))
+
+
+def register_dataset(name: str, loader: DatasetLoader, data_kind: DataKind = "mnist") -> None:
+    """Make ``load_dataset(name, **options)`` call ``loader(**options)``; ``data_kind`` must be the
+    ``data_kind`` of the datasets it returns ("mnist": small images, DomainBed's MNIST-type defaults;
+    "image": photographs). A name already registered is replaced."""
+    if data_kind not in DATA_KINDS:
+        raise ConfigError(f"unknown data kind {data_kind!r}; valid: {', '.join(DATA_KINDS)}")
+    DATASETS.register(name, DatasetEntry(loader, data_kind), replace=True)
 
 
 def dataset_names() -> list[str]:
-    return [*sorted(_DATASETS), f"{FOLDER_PREFIX}/path"]
+    return list(DATASETS.listing())
 
 
 def dataset_name(name: str) -> str:
@@ -50,10 +68,15 @@ def dataset_name(name: str) -> str:
     names otherwise."""
     if name.startswith(FOLDER_PREFIX):
         return name
-    found = canonical_name(name, _DATASETS)
-    if found is None:
-        raise DataError(unknown_name_message(name, dataset_names(), "dataset"))
-    return found
+    return DATASETS.resolve(name)
+
+
+def dataset_kind(name: str) -> DataKind:
+    """The kind of dataset ``name`` (any spelling) without loading it: ``"image"`` for a ``folder:``
+    dataset, else the registered one."""
+    if name.startswith(FOLDER_PREFIX):
+        return "image"
+    return DATASETS.lookup(name).data_kind
 
 
 def load_dataset(name: str, **options: object) -> MultiDomainDataset:
@@ -70,17 +93,26 @@ def load_dataset(name: str, **options: object) -> MultiDomainDataset:
             )
     else:
         name = dataset_name(name)  # also DomainBed's spelling: PACS, RotatedMNIST
-        loader = _DATASETS[name]
+        loader = DATASETS[name].loader
     try:
         inspect.signature(loader).bind(**options)
     except TypeError as e:  # report a bad option as a config problem, not a traceback
         accepted = ", ".join(inspect.signature(loader).parameters)
         raise ConfigError(f"dataset {name!r}: {e}; accepted options: {accepted}") from None
-    return loader(**options)
+    dataset = loader(**options)
+    expected = dataset_kind(name)
+    if dataset.data_kind != expected:  # the config's optimiser defaults were chosen for `expected`
+        raise DataError(
+            f"dataset {name!r} is registered with data_kind {expected!r} but its loader returned "
+            f"data_kind {dataset.data_kind!r}; register it with data_kind={dataset.data_kind!r}"
+        )
+    return dataset
 
 
 __all__ = [
+    "DATASETS",
     "RESULT_NEUTRAL_OPTIONS",
+    "DatasetEntry",
     "DatasetLoader",
     "Domain",
     "DomainBatches",
@@ -88,6 +120,7 @@ __all__ = [
     "LodoSplit",
     "MultiDomainDataset",
     "SkippedImagesWarning",
+    "dataset_kind",
     "dataset_name",
     "dataset_names",
     "iterate_batches",

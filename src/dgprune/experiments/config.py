@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from dgprune.data import RESULT_NEUTRAL_OPTIONS, dataset_name
+from dgprune.data import RESULT_NEUTRAL_OPTIONS, dataset_kind, dataset_name
 from dgprune.errors import ConfigError, DataError
+from dgprune.models import MODELS
 from dgprune.pruning.criteria import criterion_param_defaults
 from dgprune.training.settings import PretrainSettings, PruneSettings
 
@@ -47,6 +48,15 @@ class ModelSettings(_Strict):
     small_input: bool = Field(False, description="ResNet stem for <= 64 px images (3x3 conv, no max-pool)")
     weights: str | None = Field(None, description="local file of initial weights (state_dict or safetensors)")
 
+    @field_validator("name")
+    @classmethod
+    def _canonical_name(cls, value: str) -> str:
+        """A registered model (any spelling: ResNet18 -> resnet18, so run ids do not depend on it)."""
+        try:
+            return MODELS.resolve(value)
+        except ConfigError as err:
+            raise ValueError(str(err)) from None
+
 
 class RunConfig(_Strict):
     data: DataSettings = DataSettings()
@@ -62,6 +72,14 @@ class RunConfig(_Strict):
     def _target_text(cls, value: Any) -> Any:
         """Domain names are text; ``target: 30`` in YAML (or ``--set target=30``) means the domain "30"."""
         return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @model_validator(mode="after")
+    def _optimiser_defaults(self) -> RunConfig:
+        """pretrain.lr / weight_decay / batch_size that were not given: the algorithm registry's defaults
+        for the dataset's kind (docs/algorithms.md). They are stored resolved, so ids, config.yaml and
+        run.json show the values used (MNIST-type data: the values, and ids, of before)."""
+        self.pretrain = self.pretrain.with_defaults_for(dataset_kind(self.data.name))
+        return self
 
     def run_id(self) -> str:
         """Stable id: hash of everything that changes results (not the device, paths or caching)."""

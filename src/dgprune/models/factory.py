@@ -1,7 +1,13 @@
-"""`build_model`: the one entry point that turns a model name (and optional weights file) into a module."""
+"""`build_model`: the one entry point that turns a model name (and optional weights file) into a module.
+
+The model registry (``MODELS``) maps each name to a builder ``(num_classes, in_channels, small_input) ->
+nn.Module``; adding a model is one builder plus its registry line (docs/architecture.md).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -10,8 +16,23 @@ from torch import nn
 from dgprune.errors import ConfigError, WeightsError
 from dgprune.models.mnist_cnn import MnistCnn
 from dgprune.models.resnet import build_resnet
+from dgprune.registry import Registry
 
-MODEL_NAMES: tuple[str, ...] = ("mnist_cnn", "resnet18", "resnet50")
+# (num_classes, in_channels, small_input) -> the dense model, its classifier an nn.Linear named `fc`.
+ModelBuilder = Callable[[int, int, bool], nn.Module]
+
+MODELS: Registry[ModelBuilder] = Registry("model")
+
+
+def _mnist_cnn(num_classes: int, in_channels: int, small_input: bool) -> nn.Module:
+    return MnistCnn(in_channels, num_classes)  # always a small-input model
+
+
+MODELS.register("mnist_cnn", _mnist_cnn)
+MODELS.register("resnet18", partial(build_resnet, "resnet18"))
+MODELS.register("resnet50", partial(build_resnet, "resnet50"))
+
+MODEL_NAMES: tuple[str, ...] = MODELS.names()  # the built-in models
 
 # torchvision's ImageNet checkpoints (IMAGENET1K_V1), looked up in torch's hub cache for weights="imagenet".
 IMAGENET_FILES = {"resnet18": "resnet18-f37072fd.pth", "resnet50": "resnet50-11ad3fa6.pth"}
@@ -35,15 +56,10 @@ def build_model(
     file (a torch-saved state_dict or `.safetensors`), or "imagenet" for torchvision's ImageNet file in
     torch's hub cache. The head and stem are skipped when their shapes differ from the file's.
     """
-    if name not in MODEL_NAMES:
-        raise ConfigError(f"unknown model {name!r}; valid models: {', '.join(MODEL_NAMES)}")
+    name = MODELS.resolve(name)  # ConfigError listing the valid names
     if num_classes < 1 or in_channels < 1:
         raise ConfigError(f"num_classes and in_channels must be >= 1, got {num_classes}, {in_channels}")
-    model: nn.Module
-    if name == "mnist_cnn":
-        model = MnistCnn(in_channels, num_classes)
-    else:
-        model = build_resnet(name, num_classes, in_channels, small_input)
+    model = MODELS[name](num_classes, in_channels, small_input)
     if weights is not None:
         load_weights(model, resolve_weights(name, weights))
     return model

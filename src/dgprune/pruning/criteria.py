@@ -32,9 +32,10 @@ predicted *fall* of R_i when g_m goes 1 -> 0 is ``c_{i,m}``) and ``s_{i,m} = c_{
 - ``oracle`` (paper Eq. 1): the squared real change of the mean source risk when the channel is
   removed (measured by ``pruning.oracle.loss_changes``; one forward per channel: small models only).
 
-Each criterion is declared once, in ``REGISTRY``: its score function, its parameters (a pydantic model:
-names, defaults, ranges) and what the training loop must compute for it. ``make_criterion(name,
-params)`` validates the parameters and binds them.
+Each criterion is declared once, by its ``CriterionSpec`` (``criterion_spec.py``) in ``_SPECS``, from
+which the ``REGISTRY`` is built: its score function, its parameters (a pydantic model: names, defaults,
+ranges) and what the training loop must compute for it. ``make_criterion(name, params)`` validates the
+parameters and binds them.
 """
 
 from __future__ import annotations
@@ -45,28 +46,46 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, get_args, get_origin
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from dgprune.errors import ConfigError
+from dgprune.pruning.criterion_spec import (
+    CriterionParams,
+    CriterionSpec,
+    NoParams,
+    ScoreInputs,
+    contributions,
+    plain,
+    require,
+)
+from dgprune.registry import Registry
 
-
-@dataclass(frozen=True)
-class ScoreInputs:
-    gates: torch.Tensor  # [M] current gate values (1 alive, 0 pruned)
-    domain_grads: torch.Tensor | None = None  # [N, M] G_i,m = dR_i/dg_m
-    risks: torch.Tensor | None = None  # [N] per-domain mean cross-entropy
-    filter_l1: torch.Tensor | None = None  # [M] sum of |W| over the group's output filters
-    norm_scale: torch.Tensor | None = None  # [M] sum of |gamma| over the group's normalisations
-    loss_change: torch.Tensor | None = None  # [M] mean risk minus mean risk with the channel removed
-    val_domain_grads: torch.Tensor | None = None  # [N, M] dR_i/dg_m on a source-validation batch
-    val_risks: torch.Tensor | None = None  # [N] per-domain risks on that validation batch
+__all__ = [  # the criterion API of criterion_spec.py is re-exported: import it from either module
+    "CRITERIA",
+    "REGISTRY",
+    "Criterion",
+    "CriterionParams",
+    "CriterionSpec",
+    "NoParams",
+    "ScoreInputs",
+    "contributions",
+    "criterion_label",
+    "criterion_param_defaults",
+    "criterion_param_names",
+    "describe_params",
+    "make_criterion",
+    "plain",
+    "require",
+    "validate_criterion_params",
+    "variance_term_share",
+]
 
 
 # ---- score functions ---------------------------------------------------------------------------
 
 
 def taylor_scores(inputs: ScoreInputs) -> torch.Tensor:
-    grads = _require(inputs.domain_grads, "domain_grads")
+    grads = require(inputs.domain_grads, "domain_grads")
     return (grads.mean(dim=0) * inputs.gates) ** 2
 
 
@@ -78,15 +97,10 @@ def variance_gradient(domain_grads: torch.Tensor, risks: torch.Tensor) -> torch.
 
 def ior_scores(inputs: ScoreInputs, alpha: float = 1.0) -> torch.Tensor:
     """Paper Eq. 4 with a fixed alpha (the ``ior`` criterion in ``fixed`` mode)."""
-    grads = _require(inputs.domain_grads, "domain_grads")
-    risks = _require(inputs.risks, "risks")
+    grads = require(inputs.domain_grads, "domain_grads")
+    risks = require(inputs.risks, "risks")
     ood = (variance_gradient(grads, risks) * inputs.gates) ** 2
     return taylor_scores(inputs) + alpha * ood
-
-
-def contributions(inputs: ScoreInputs) -> torch.Tensor:
-    """[N, M] ``c_{i,m} = G_{i,m} g_m``: each domain's first-order Taylor contribution."""
-    return _require(inputs.domain_grads, "domain_grads") * inputs.gates
 
 
 def disagreement_scores(inputs: ScoreInputs) -> torch.Tensor:
@@ -111,7 +125,7 @@ def consistency_scores(inputs: ScoreInputs) -> torch.Tensor:
 
 
 def signed_taylor_scores(inputs: ScoreInputs) -> torch.Tensor:
-    return -(_require(inputs.domain_grads, "domain_grads").mean(dim=0) * inputs.gates)
+    return -(require(inputs.domain_grads, "domain_grads").mean(dim=0) * inputs.gates)
 
 
 def signed_worst_domain_scores(inputs: ScoreInputs) -> torch.Tensor:
@@ -119,43 +133,29 @@ def signed_worst_domain_scores(inputs: ScoreInputs) -> torch.Tensor:
 
 
 def l1_scores(inputs: ScoreInputs) -> torch.Tensor:
-    return _require(inputs.filter_l1, "filter_l1") * inputs.gates
+    return require(inputs.filter_l1, "filter_l1") * inputs.gates
 
 
 def bn_scale_scores(inputs: ScoreInputs) -> torch.Tensor:
-    return _require(inputs.norm_scale, "norm_scale") * inputs.gates
+    return require(inputs.norm_scale, "norm_scale") * inputs.gates
 
 
 def oracle_scores(inputs: ScoreInputs) -> torch.Tensor:
-    return _require(inputs.loss_change, "loss_change").to(inputs.gates.dtype) ** 2 * inputs.gates
-
-
-def _require(value: torch.Tensor | None, name: str) -> torch.Tensor:
-    if value is None:
-        raise ValueError(f"this criterion needs {name}")
-    return value
+    return require(inputs.loss_change, "loss_change").to(inputs.gates.dtype) ** 2 * inputs.gates
 
 
 # ---- parameters ----------------------------------------------------------------------------------
 
 
-class _Params(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class NoParams(_Params):
-    pass
-
-
-class AlphaParams(_Params):
+class AlphaParams(CriterionParams):
     alpha: float = Field(1.0, ge=0, allow_inf_nan=False, description="weight of the variance term")
 
 
-class BetaParams(_Params):
+class BetaParams(CriterionParams):
     beta: float = Field(1.0, ge=0, allow_inf_nan=False, description="weight of the disagreement term")
 
 
-class IoRParams(_Params):
+class IoRParams(CriterionParams):
     alpha: float = Field(
         1.0, ge=0, allow_inf_nan=False, description="weight of the variance term (alpha_mode fixed)"
     )
@@ -194,11 +194,11 @@ def _ior_parts(inputs: ScoreInputs, params: IoRParams, val: bool) -> tuple[torch
     """(Taylor term, alpha x variance term) of ior / ior_val."""
     taylor = taylor_scores(inputs)
     if val:
-        grads = _require(inputs.val_domain_grads, "val_domain_grads")
-        risks = _require(inputs.val_risks, "val_risks")
+        grads = require(inputs.val_domain_grads, "val_domain_grads")
+        risks = require(inputs.val_risks, "val_risks")
     else:
-        grads = _require(inputs.domain_grads, "domain_grads")
-        risks = _require(inputs.risks, "risks")
+        grads = require(inputs.domain_grads, "domain_grads")
+        risks = require(inputs.risks, "risks")
     variance = (variance_gradient(grads, risks) * inputs.gates) ** 2
     return taylor, _ior_alpha(params, taylor, variance) * variance
 
@@ -225,8 +225,8 @@ def _ior_share(val: bool) -> Callable[[ScoreInputs, IoRParams], float]:
 
 
 def _signed_ior(inputs: ScoreInputs, params: AlphaParams) -> torch.Tensor:
-    grads = _require(inputs.domain_grads, "domain_grads")
-    var_grad = variance_gradient(grads, _require(inputs.risks, "risks"))
+    grads = require(inputs.domain_grads, "domain_grads")
+    var_grad = variance_gradient(grads, require(inputs.risks, "risks"))
     return -(grads.mean(dim=0) * inputs.gates) - params.alpha * var_grad * inputs.gates
 
 
@@ -234,37 +234,17 @@ def _taylor_disagreement(inputs: ScoreInputs, params: BetaParams) -> torch.Tenso
     return taylor_scores(inputs) + params.beta * disagreement_scores(inputs)
 
 
-def _plain(function: Callable[[ScoreInputs], torch.Tensor]) -> Callable[[ScoreInputs, Any], torch.Tensor]:
-    return lambda inputs, _params: function(inputs)
-
-
 # ---- the registry --------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class CriterionSpec:
-    """Everything about one criterion: its score, its parameters and what must be computed for it."""
-
-    name: str
-    score: Callable[[ScoreInputs, Any], torch.Tensor]  # (inputs, validated params) -> [M]
-    params: type[_Params] = NoParams
-    needs_gradients: bool = False  # per-domain gate gradients of the training batch
-    needs_weights: bool = False  # filter L1 norms and normalisation scales
-    needs_loss_changes: bool = False  # the oracle: one extra forward per alive channel
-    needs_val_gradients: bool = False  # per-domain gate gradients of a source-validation batch
-    random: bool = False  # draws from a seeded generator
-    # Share of the score that is a variance term (IoR family); None: IoR at alpha = 1 is reported.
-    variance_share: Callable[[ScoreInputs, Any], float] | None = None
-
-
 _SPECS = (
-    CriterionSpec("taylor", _plain(taylor_scores), needs_gradients=True),
+    CriterionSpec("taylor", plain(taylor_scores), needs_gradients=True),
     CriterionSpec("ior", _ior, IoRParams, needs_gradients=True, variance_share=_ior_share(val=False)),
     # random's score needs a seeded generator: make_criterion binds it
-    CriterionSpec("random", _plain(lambda inputs: inputs.gates), random=True),
-    CriterionSpec("l1", _plain(l1_scores), needs_weights=True),
-    CriterionSpec("bn_scale", _plain(bn_scale_scores), needs_weights=True),
-    CriterionSpec("oracle", _plain(oracle_scores), needs_gradients=True, needs_loss_changes=True),
+    CriterionSpec("random", plain(lambda inputs: inputs.gates), random=True),
+    CriterionSpec("l1", plain(l1_scores), needs_weights=True),
+    CriterionSpec("bn_scale", plain(bn_scale_scores), needs_weights=True),
+    CriterionSpec("oracle", plain(oracle_scores), needs_gradients=True, needs_loss_changes=True),
     CriterionSpec(
         "ior_val",
         _ior_val,
@@ -273,17 +253,21 @@ _SPECS = (
         needs_val_gradients=True,
         variance_share=_ior_share(val=True),
     ),
-    CriterionSpec("disagreement", _plain(disagreement_scores), needs_gradients=True),
+    CriterionSpec("disagreement", plain(disagreement_scores), needs_gradients=True),
     CriterionSpec("taylor_disagreement", _taylor_disagreement, BetaParams, needs_gradients=True),
-    CriterionSpec("worst_domain", _plain(worst_domain_scores), needs_gradients=True),
-    CriterionSpec("min_domain", _plain(min_domain_scores), needs_gradients=True),
-    CriterionSpec("consistency", _plain(consistency_scores), needs_gradients=True),
-    CriterionSpec("signed_taylor", _plain(signed_taylor_scores), needs_gradients=True),
-    CriterionSpec("signed_worst_domain", _plain(signed_worst_domain_scores), needs_gradients=True),
+    CriterionSpec("worst_domain", plain(worst_domain_scores), needs_gradients=True),
+    CriterionSpec("min_domain", plain(min_domain_scores), needs_gradients=True),
+    CriterionSpec("consistency", plain(consistency_scores), needs_gradients=True),
+    CriterionSpec("signed_taylor", plain(signed_taylor_scores), needs_gradients=True),
+    CriterionSpec("signed_worst_domain", plain(signed_worst_domain_scores), needs_gradients=True),
     CriterionSpec("signed_ior", _signed_ior, AlphaParams, needs_gradients=True),
 )
-REGISTRY: dict[str, CriterionSpec] = {spec.name: spec for spec in _SPECS}
-CRITERIA: tuple[str, ...] = tuple(REGISTRY)
+# The criterion registry. A registered spec is accepted everywhere a criterion is named: prune.criterion
+# in configs and sweeps, --criterion, the Torch-Pruning integration and `dgprune analyze`.
+REGISTRY: Registry[CriterionSpec] = Registry("criterion")
+for _criterion in _SPECS:
+    REGISTRY.register(_criterion.name, _criterion)
+CRITERIA: tuple[str, ...] = REGISTRY.names()  # the built-in criteria, in the order above
 
 
 @dataclass(frozen=True)
@@ -306,14 +290,14 @@ class Criterion:
 
 
 def _spec(name: str) -> CriterionSpec:
-    if name not in REGISTRY:
-        raise ConfigError(f"unknown criterion {name!r}; valid: {', '.join(CRITERIA)}")
-    return REGISTRY[name]
+    return REGISTRY.lookup(name)  # ConfigError listing the valid names
 
 
 def make_criterion(name: str, params: Mapping[str, Any] | None = None, seed: int = 0) -> Criterion:
-    """Build a criterion by name (one of CRITERIA) with its parameters (validated; defaults filled in)."""
-    spec = _spec(name)
+    """Build a criterion by name (one of REGISTRY, any spelling) with its parameters (validated; defaults
+    filled in)."""
+    name = REGISTRY.resolve(name)
+    spec = REGISTRY[name]
     values = validate_criterion_params(name, params)
     bound = spec.params.model_validate(values)
     generator = None

@@ -51,7 +51,9 @@ def pretrain(
     """
     torch.manual_seed(seed)
     # The run seed drives the algorithm's own draws (Mixup) unless the config sets one explicitly.
-    hparams = {"seed": seed, **settings.hparams, "lr": settings.lr, "weight_decay": settings.weight_decay}
+    # The optimiser settings come from `settings` (resolved for the dataset's kind by RunConfig).
+    optimiser = {"lr": settings.lr, "weight_decay": settings.weight_decay, "batch_size": settings.batch_size}
+    hparams = {"seed": seed, **settings.hparams, **optimiser}
     algorithm = make_algorithm(settings.algorithm, model, len(split.train), hparams)
     batches = DomainBatches(split.train, settings.batch_size, seed=seed)
     best_val, best_step, best_state = -1.0, 0, copy.deepcopy(model.state_dict())
