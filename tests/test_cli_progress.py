@@ -114,10 +114,14 @@ def test_demo_shows_every_stage_from_its_first_step_and_logs_each_model(tmp_path
         "--device", "cpu", "--config", "small.yaml", "--tensorboard", "tb", cwd=tmp_path,
     )  # fmt: skip
     ok(result)
+    # The demo's directory is a sweep directory: each model's is named by its run id in results.json.
+    records = json.loads((tmp_path / "d" / "results.json").read_text())
+    model_dirs = {f"{r['criterion']}-keep{r['keep_ratio']:g}": tmp_path / r["model_dir"] for r in records}
     for label in ("taylor-keep0.5", "ior-keep0.5", "taylor-keep0.3", "ior-keep0.3"):
         steps = [int(s) for s in re.findall(rf"\[0 erm {label}\] prune step (\d+)/", result.stderr)]
         assert steps and steps[0] == 1, label
-        model_dir = tmp_path / "d" / "target-0" / "erm" / label
+        model_dir = model_dirs[label]
+        assert model_dir.parent == tmp_path / "d" / "runs"
         assert (model_dir / "config.yaml").is_file() and (model_dir / "history.jsonl").is_file()
         assert any((tmp_path / "tb" / "target-0" / "erm" / label).iterdir())  # TensorBoard run per model
     assert progress_steps(result.stderr, r"\[0 erm\] pretrain")[0] == 1

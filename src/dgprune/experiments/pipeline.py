@@ -28,12 +28,12 @@ from dgprune.experiments.config import RunConfig, build_config, dump_config
 from dgprune.experiments.records import ResultRecord, write_json_atomic
 from dgprune.models import build_model
 from dgprune.pruning.groups import find_channel_groups
+from dgprune.pruning.measure import model_cost
 from dgprune.pruning.surgery import (
     STRUCTURE_FILE,
     WEIGHTS_FILE,
     compress,
     load_compressed,
-    model_cost,
     save_compressed,
 )
 from dgprune.training.checkpoint import CHECKPOINT_FILE, Checkpointer

@@ -5,9 +5,11 @@ Design (see docs/experiments.md):
 - The **driver** (the `dgprune sweep --ray ...` process) owns the SQLite database: it claims units,
   keeps their heartbeat fresh while their task is in flight, and writes every result. SQLite is
   never opened on another node, so the database may stay on the driver's local disk.
-- Each unit is one Ray task (``num_cpus`` = ``cpus_per_task``) that calls
-  :func:`dgprune.experiments.sweep.execute_unit` with a list sink and returns the list of
-  started / done / failed events, which the driver replays into the database.
+- Each unit is one Ray task (``num_cpus`` = ``cpus_per_task``) that calls the sweep's unit
+  function (:func:`dgprune.experiments.sweep.execute_unit`) with a list sink and returns it, with
+  its started / done / failed events, which the driver replays into the database.
+- This module imports nothing of ``experiments.sweep`` (which calls it): the sweep hands it the
+  unit function and the database steps it needs as a :class:`RayUnits`.
 - A task lost with its worker or node (a node that dies, a worker killed for memory) is run again
   by Ray (``max_retries`` = :data:`RAY_TASK_RETRIES`) on a live node; the driver still holds the
   unit meanwhile, and records the events of the one attempt that returns, so every run is recorded
@@ -27,6 +29,8 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,16 +39,26 @@ import torch
 from dgprune.errors import ConfigError
 from dgprune.experiments.config import RunConfig
 from dgprune.experiments.store import Store
-from dgprune.experiments.sweep import (
-    MAX_UNIT_ATTEMPTS,
-    ListSink,
-    StoreSink,
-    Sweep,
-    error_text,
-    execute_unit,
-    reclaim_dead,
-    unit_configs,
-)
+
+Echo = Callable[[str], None] | None
+
+
+@dataclass(frozen=True)
+class RayUnits:
+    """What the sweep gives the Ray runner: how to run a unit and the steps of the database around it.
+
+    ``execute_unit`` and ``new_sink`` travel to the Ray tasks (module-level callables: Ray pickles
+    them by reference); the others run in the driver.
+    """
+
+    # (pretrain_config, runs, todo, sweep_dir, sink, device) -> None; reports each run to the sink
+    execute_unit: Callable[..., None]
+    new_sink: Callable[[], Any]  # a picklable sink that records events and can ``replay(sink)`` them
+    store_sink: Callable[[Store, Echo], Any]  # the driver's sink: writes the events into the database
+    unit_configs: Callable[[Store, str], tuple[RunConfig, list[RunConfig]]]  # a unit's registered configs
+    reclaim_dead: Callable[[Store, Echo], None]  # take back units whose worker is gone
+    error_text: Callable[[BaseException], str]  # what a failed unit stores
+
 
 # Ray re-runs a task whose worker process or node died (not one that raised: units report their own
 # errors as events). A retried unit resumes from its checkpoints when the sweep directory is shared.
@@ -80,16 +94,18 @@ def connect(address: str, num_cpus: int | None = None) -> Any:
 
 
 def unit_task(
+    execute_unit: Callable[..., None],
+    new_sink: Callable[[], Any],
     pretrain_config: dict[str, Any],
     runs: list[dict[str, Any]],
     todo: list[str],
     sweep_dir: str,
     device: str | None,
     threads: int,
-) -> list[tuple[str, str, Any]]:
-    """The body of one Ray task: run the unit, return its events (plain picklable data)."""
+) -> Any:
+    """The body of one Ray task: run the unit, return the sink with its events (plain picklable data)."""
     torch.set_num_threads(threads)
-    sink = ListSink()
+    sink = new_sink()
     execute_unit(
         RunConfig.model_validate(pretrain_config),
         [RunConfig.model_validate(r) for r in runs],
@@ -98,19 +114,28 @@ def unit_task(
         sink,
         device,
     )
-    return sink.events
+    return sink
 
 
 def run_units_ray(
-    sweep: Sweep, address: str, cpus_per_task: int = 1, quiet: bool = False, only: list[str] | None = None
+    units: RayUnits,
+    db_path: Path,
+    sweep_dir: Path,
+    address: str,
+    device: str | None = None,
+    heartbeat_s: float = 10.0,
+    poll_s: float = 5.0,
+    cpus_per_task: int = 1,
+    quiet: bool = False,
+    only: list[str] | None = None,
 ) -> int:
-    """Run every pending unit of the (registered) sweep as Ray tasks; returns how many ran.
+    """Run every pending unit of the (registered) sweep in ``db_path`` as Ray tasks; returns how many ran.
 
-    Returns once no unit (of ``only``) is pending or running, as :func:`sweep.worker_loop` does.
+    Returns once no unit (of ``only``) is pending or running, as the sweep's local workers do.
+    ``device`` overrides every run's device; ``heartbeat_s``/``poll_s`` as the sweep's options.
     """
     ray = connect(address)
     remote = ray.remote(num_cpus=cpus_per_task, max_retries=RAY_TASK_RETRIES)(unit_task)
-    options = sweep.options
     echo = None if quiet else (lambda line: print(f"[ray] {line}", flush=True))
     in_flight: dict[Any, str] = {}
     held: set[str] = set()
@@ -118,29 +143,31 @@ def run_units_ray(
     ran = 0
 
     def beat() -> None:  # the driver vouches for the units its tasks hold
-        with Store(sweep.db_path) as beat_store:
-            while not stop.wait(options.heartbeat_s):
+        with Store(db_path) as beat_store:
+            while not stop.wait(heartbeat_s):
                 with contextlib.suppress(Exception):  # a missed beat is harmless
                     beat_store.heartbeat(list(held))
 
     beater = threading.Thread(target=beat, daemon=True)
     beater.start()
     try:
-        with Store(sweep.db_path) as store:
-            sink = StoreSink(store, echo)
+        with Store(db_path) as store:
+            sink = units.store_sink(store, echo)
             while True:
-                reclaim_dead(store, options.stale_after_s, echo, MAX_UNIT_ATTEMPTS)
+                units.reclaim_dead(store, echo)
                 # Asked each round: nodes that join (or die) change how many tasks can run at once.
                 capacity = max(1, int(ray.cluster_resources().get("CPU", 1) // cpus_per_task))
                 while len(in_flight) < capacity and (claim := store.claim("ray", only=only)) is not None:
-                    pretrain_config, runs = unit_configs(store, claim.unit_id)
+                    pretrain_config, runs = units.unit_configs(store, claim.unit_id)
                     store.mark_running(claim.run_ids)
                     ref = remote.remote(
+                        units.execute_unit,
+                        units.new_sink,
                         pretrain_config.model_dump(mode="json"),
                         [r.model_dump(mode="json") for r in runs],
                         claim.run_ids,
-                        str(sweep.directory.resolve()),
-                        sweep.device,
+                        str(sweep_dir.resolve()),
+                        device,
                         cpus_per_task,
                     )
                     in_flight[ref] = claim.unit_id
@@ -148,17 +175,17 @@ def run_units_ray(
                 if not in_flight:
                     if not store.count_units("running", only):
                         break
-                    time.sleep(options.poll_s)  # units held by another sweep process
+                    time.sleep(poll_s)  # units held by another sweep process
                     continue
-                ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=options.poll_s)
+                ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=poll_s)
                 for ref in ready:
                     unit_id = in_flight.pop(ref)
                     try:
-                        events = ray.get(ref)
+                        recorded = ray.get(ref)
                     except Exception as err:  # lost even after Ray's retries, or could not start
-                        store.fail_unit(unit_id, f"ray task failed: {error_text(err)}")
+                        store.fail_unit(unit_id, f"ray task failed: {units.error_text(err)}")
                     else:
-                        ListSink(events).replay(sink)
+                        recorded.replay(sink)
                         store.finish_unit(unit_id)
                     held.discard(unit_id)
                     ran += 1

@@ -3,6 +3,7 @@
 from dgprune.pruning.criteria import CRITERIA, Criterion, ScoreInputs, make_criterion
 from dgprune.pruning.gates import GateSet
 from dgprune.pruning.groups import SCOPES, ChannelGroup, find_channel_groups
+from dgprune.pruning.measure import ModelCost, measure_latency_ms, model_cost
 from dgprune.pruning.schedule import PruningSchedule, target_channels
 from dgprune.pruning.scoring import DomainStep, per_domain_forward_backward
 from dgprune.pruning.surgery import (
@@ -10,7 +11,6 @@ from dgprune.pruning.surgery import (
     export_onnx,
     fold_batchnorm,
     load_compressed,
-    model_cost,
     remove_channels,
     save_compressed,
 )
@@ -22,6 +22,7 @@ __all__ = [
     "Criterion",
     "DomainStep",
     "GateSet",
+    "ModelCost",
     "PruningSchedule",
     "ScoreInputs",
     "compress",
@@ -30,6 +31,7 @@ __all__ = [
     "fold_batchnorm",
     "load_compressed",
     "make_criterion",
+    "measure_latency_ms",
     "model_cost",
     "per_domain_forward_backward",
     "remove_channels",
