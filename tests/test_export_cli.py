@@ -1,4 +1,4 @@
-"""`dgprune export` as a user runs it: the ONNX file it writes gives the saved model's outputs."""
+"""`dgprune export` and `dgprune prune --round-mode` as a user runs them."""
 
 from __future__ import annotations
 
@@ -47,3 +47,14 @@ def test_exported_onnx_equals_the_compressed_torch_model(tmp_path, spec, shape):
         expected = reloaded(x)
     assert onnx_logits.shape == tuple(expected.shape)
     assert float((torch.from_numpy(onnx_logits) - expected).abs().max()) < 1e-4
+
+
+def test_prune_refuses_an_unknown_round_mode_naming_the_valid_ones(tmp_path):
+    result = run_cli(
+        "prune", "--pretrained", str(tmp_path / "pre"), "--out", str(tmp_path / "out"),
+        "--round-mode", "nearest",
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "prune.round_mode" in result.stderr and "'budget' or 'per_layer'" in result.stderr
+    assert "nearest" in result.stderr

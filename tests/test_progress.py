@@ -17,7 +17,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from dgprune.cli_sweep import SweepProgress
+from dgprune.cli.sweeps import SweepProgress
 from dgprune.data import DomainBatches
 from dgprune.errors import ConfigError
 from dgprune.experiments.config import build_config

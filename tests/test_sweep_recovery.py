@@ -77,11 +77,10 @@ def test_a_sweep_that_stops_with_runs_unfinished_exits_1(tmp_path, monkeypatch):
     is not 0 (`dgprune sweep ... && dgprune report ...` must not go on)."""
     from typer.testing import CliRunner
 
-    from dgprune import cli_sweep
-    from dgprune.cli import app
+    from dgprune.cli import app, sweeps
 
     counts = {"pending": 1, "running": 1, "done": 2, "failed": 0}
-    monkeypatch.setattr(cli_sweep, "run_sweep", lambda *args, **kwargs: SweepOutcome(counts, 1.0, []))
+    monkeypatch.setattr(sweeps, "run_sweep", lambda *args, **kwargs: SweepOutcome(counts, 1.0, []))
     result = CliRunner().invoke(app, ["sweep", str(write_sweep(tmp_path / "s.yaml", [0, 1]))])
     assert result.exit_code == 1, result.output
     assert "done 2/4, failed 0, pending 1 in 1 s, still running 1" in result.output

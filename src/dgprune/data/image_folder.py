@@ -18,10 +18,13 @@ Either way the training augmentation and evaluation transform run batched on ten
 
 from __future__ import annotations
 
+import inspect
 import os
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -36,6 +39,28 @@ DATA_ENV = "DGPRUNE_DATA_DIR"
 
 class SkippedImagesWarning(UserWarning):
     """Images that could not be decoded were left out (skip_bad_images=True)."""
+
+
+@dataclass(frozen=True)
+class ImageFolderOptions:
+    """How an image-folder dataset is loaded: the options every image-folder loader takes besides
+    where the folder is (`data.options` of a run config). Each option's effect: the module docstring."""
+
+    image_size: int = 224
+    augment: bool = True
+    skip_bad_images: bool = False
+    cache: bool = True
+    cache_dir: str | None = None
+    workers: int | None = None
+    stream: bool | None = None
+    memory_budget_gb: float = 8.0
+    transform_device: str | None = "auto"
+
+    def __post_init__(self) -> None:
+        if self.image_size < 8:
+            raise ConfigError(f"image_size must be >= 8, got {self.image_size}")
+        if self.memory_budget_gb < 0:
+            raise ConfigError(f"memory_budget_gb must be >= 0, got {self.memory_budget_gb}")
 
 
 @dataclass(frozen=True)
@@ -336,37 +361,25 @@ def _streaming_domain(
 
 
 def build_image_dataset(
-    name: str,
-    domain_dirs: list[tuple[str, Path]],
-    image_size: int = 224,
-    augment: bool = True,
-    skip_bad_images: bool = False,
-    cache: bool = True,
-    cache_dir: str | None = None,
-    workers: int | None = None,
-    stream: bool | None = None,
-    memory_budget_gb: float = 8.0,
-    transform_device: str | None = "auto",
+    name: str, domain_dirs: list[tuple[str, Path]], options: ImageFolderOptions | None = None
 ) -> MultiDomainDataset:
-    """The dataset of these domain folders (see the module docstring for each option's effect)."""
-    if image_size < 8:
-        raise ConfigError(f"image_size must be >= 8, got {image_size}")
-    if memory_budget_gb < 0:
-        raise ConfigError(f"memory_budget_gb must be >= 0, got {memory_budget_gb}")
-    workers = default_workers() if workers is None else workers
+    """The dataset of these domain folders, loaded as ``options`` say (default: their defaults)."""
+    opts = ImageFolderOptions() if options is None else options
+    image_size, transform_device = opts.image_size, opts.transform_device  # used often below
+    workers = default_workers() if opts.workers is None else opts.workers
     classes, domains = scan_domains(domain_dirs)
     total = sum(len(d.files) for d in domains)
     nbytes = total * 3 * image_size * image_size
-    streaming = nbytes > memory_budget_gb * 2**30 if stream is None else stream
+    streaming = nbytes > opts.memory_budget_gb * 2**30 if opts.stream is None else opts.stream
     evaluation = EvalTransform(image_size, device=transform_device)
-    training = DomainBedAugment(image_size, device=transform_device) if augment else evaluation
+    training = DomainBedAugment(image_size, device=transform_device) if opts.augment else evaluation
     build = _streaming_domain if streaming else _in_memory_domain
     loaded = [
-        build(name, d, classes, image_size, workers, cache, cache_dir, (training, evaluation))
+        build(name, d, classes, image_size, workers, opts.cache, opts.cache_dir, (training, evaluation))
         for d in domains
     ]
     bad = [b for item in loaded for b in item.bad]
-    if bad and not skip_bad_images:
+    if bad and not opts.skip_bad_images:
         raise _bad_images_error(bad)
     skipped = [p for p, _ in bad]
     if skipped:
@@ -395,74 +408,42 @@ def build_image_dataset(
     )
 
 
+def _with_option_parameters(loader: Callable[..., MultiDomainDataset]) -> Callable[..., MultiDomainDataset]:
+    """Spell the options out in ``loader``'s signature instead of ``**options``: `load_dataset` checks a
+    config's data.options against it and lists the accepted ones when one is unknown."""
+    signature = inspect.signature(loader)
+    named = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    named += [
+        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=f.type)
+        for f in fields(ImageFolderOptions)
+    ]
+    loader.__signature__ = signature.replace(parameters=named)  # type: ignore[attr-defined]
+    return loader
+
+
+@_with_option_parameters
 def load_image_folder(
-    path: str,
-    name: str | None = None,
-    seed: int = 0,
-    image_size: int = 224,
-    augment: bool = True,
-    skip_bad_images: bool = False,
-    cache: bool = True,
-    cache_dir: str | None = None,
-    workers: int | None = None,
-    stream: bool | None = None,
-    memory_budget_gb: float = 8.0,
-    transform_device: str | None = "auto",
+    path: str, name: str | None = None, seed: int = 0, **options: Any
 ) -> MultiDomainDataset:
     """Any folder of shape path/<domain>/<class>/<image> (`folder:/path`); every sub-folder is a domain.
 
-    `seed` (the data seed) is accepted for a uniform interface; nothing here is random.
+    ``options``: the fields of :class:`ImageFolderOptions`. `seed` (the data seed) is accepted for a
+    uniform interface; nothing here is random.
     """
     folder, domain_dirs = folder_domains(path)
-    return build_image_dataset(
-        name or folder.name,
-        domain_dirs,
-        image_size,
-        augment,
-        skip_bad_images,
-        cache,
-        cache_dir,
-        workers,
-        stream,
-        memory_budget_gb,
-        transform_device,
-    )
+    return build_image_dataset(name or folder.name, domain_dirs, ImageFolderOptions(**options))
 
 
-def named_loader(key: str):
+def named_loader(key: str) -> Callable[..., MultiDomainDataset]:
     """The loader of a DomainBed dataset by registry name (pacs, vlcs, office_home, ...)."""
 
-    def load(
-        root: str | None = None,
-        seed: int = 0,
-        image_size: int = 224,
-        augment: bool = True,
-        skip_bad_images: bool = False,
-        cache: bool = True,
-        cache_dir: str | None = None,
-        workers: int | None = None,
-        stream: bool | None = None,
-        memory_budget_gb: float = 8.0,
-        transform_device: str | None = "auto",
-    ) -> MultiDomainDataset:
+    def load(root: str | None = None, seed: int = 0, **options: Any) -> MultiDomainDataset:
         _, domain_dirs = resolve_named_root(key, root)
-        return build_image_dataset(
-            key,
-            domain_dirs,
-            image_size,
-            augment,
-            skip_bad_images,
-            cache,
-            cache_dir,
-            workers,
-            stream,
-            memory_budget_gb,
-            transform_device,
-        )
+        return build_image_dataset(key, domain_dirs, ImageFolderOptions(**options))
 
     load.__name__ = f"load_{key}"
     load.__doc__ = (
         f"DomainBed's {NAMED_DATASETS[key].folders[0]} from root/{NAMED_DATASETS[key].folders[0]}/<domain>/"
         "<class>/<image> (root may also be that folder itself). Options as `load_image_folder`."
     )
-    return load
+    return _with_option_parameters(load)

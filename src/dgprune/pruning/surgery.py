@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from torch import nn
 from dgprune.errors import DgpruneError, WeightsError
 from dgprune.pruning.gates import GateSet
 from dgprune.pruning.groups import build_dependency_graph
+from dgprune.pruning.measure import ModelCost, model_cost  # noqa: F401  (their old home: re-exported)
 
 STRUCTURE_FILE = "structure.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -51,22 +51,6 @@ def compress(model: nn.Module, gates: GateSet, example_input: torch.Tensor) -> d
     pruned = gates.pruned_positions()
     remove_channels(model, pruned, example_input)
     return pruned
-
-
-@dataclass(frozen=True)
-class ModelCost:
-    params: int
-    macs: int
-
-
-def model_cost(model: nn.Module, example_input: torch.Tensor) -> ModelCost:
-    """Parameters and multiply-accumulates of one forward pass of ``example_input`` (batch 1)."""
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        macs, params = tp.utils.count_ops_and_params(model, example_input[:1])
-    model.train(was_training)
-    return ModelCost(params=int(params), macs=int(macs))
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
@@ -191,6 +175,16 @@ def _read_structure_file(path: Path) -> dict[str, Any]:
         raise WeightsError(f"{path}: pruned_channels: expected an object of layer name -> list of integers")
     structure["pruned_channels"] = pruned
     return structure
+
+
+def saved_input_shape(directory: Path) -> tuple[int, ...]:
+    """The (C, H, W) input recorded in a model directory's structure.json: what traces the model
+    without its dataset (ONNX export)."""
+    path = directory / STRUCTURE_FILE
+    shape = _read_structure_file(path).get("input_shape")
+    if not shape:
+        raise WeightsError(f"{path}: no input_shape recorded: cannot trace the model")
+    return tuple(shape)
 
 
 def _check_pruned_channels(path: Path, model: nn.Module, pruned: dict[str, list[int]]) -> None:

@@ -21,6 +21,16 @@ from dgprune.report.wins import WinCount, count_wins
 
 FORMATS = ("md", "csv", "tex")
 
+
+def parse_formats(text: str) -> tuple[str, ...]:
+    """Comma-separated table formats (``md,csv``), each one of FORMATS."""
+    chosen = tuple(f.strip() for f in text.split(",") if f.strip())
+    unknown = [f for f in chosen if f not in FORMATS]
+    if unknown:
+        raise ConfigError(f"unknown format(s) {', '.join(unknown)}; valid: {', '.join(FORMATS)}")
+    return chosen
+
+
 _LATEX_SPECIAL = {
     "\\": r"\textbackslash{}",
     "&": r"\&",

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -12,26 +10,15 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-from rich.table import Table as RichTable
 
+from dgprune.cli.options import quiet_option, set_option
+from dgprune.cli.output import console, describe_row, duration, last_line, print_json, print_table
 from dgprune.errors import ConfigError
-from dgprune.experiments.store import Store
-from dgprune.experiments.sweep import (
-    Sweep,
-    SweepStatus,
-    load_sweep,
-    run_sweep,
-    sweep_records,
-    sweep_status,
-)
-from dgprune.pruning.criteria import criterion_label
-from dgprune.report.export import FORMATS, write_report
-from dgprune.report.table1 import Table
-
-console = Console() if sys.stdout.isatty() else Console(width=240)
+from dgprune.experiments.sweep import Sweep, SweepStatus, load_sweep, run_sweep, sweep_status
+from dgprune.report.database import read_report_inputs
+from dgprune.report.export import FORMATS, parse_formats, write_report
 
 SweepArg = Annotated[
     str,
@@ -45,16 +32,24 @@ OutOpt = Annotated[
         "else <name>-sweep beside the file (in the current directory for a preset).",
     ),
 ]
-SweepSetOpt = Annotated[
-    list[str] | None,
-    typer.Option(
-        "--set",
-        metavar="KEY=VALUE",
-        help="Update the sweep file's `base` by a dotted key, the value read as YAML (e.g. --set "
-        "prune.lr=0.01); repeat for several. The runs' ids change with it: give the same --set to "
-        "`status` and `report`.",
-    ),
-]
+SweepSetOpt = set_option(
+    "Update the sweep file's `base` by a dotted key, the value read as YAML (e.g. --set "
+    "prune.lr=0.01); repeat for several. The runs' ids change with it: give the same --set to "
+    "`status` and `report`."
+)
+
+
+def json_option(help: str) -> Any:
+    """``--json``: print data instead of lines and tables (the help says what)."""
+    return Annotated[bool, typer.Option("--json", help=help)]
+
+
+SweepQuietOpt = quiet_option("No line per finished run.")
+StatusJsonOpt = json_option("Print the status as JSON (counts, ETA, running and failed runs).")
+ReportJsonOpt = json_option(
+    "Print the report as JSON instead of tables: every table (header and rows), the win "
+    "count, the paired comparisons and the files written."
+)
 
 
 def sweep(
@@ -77,7 +72,7 @@ def sweep(
     retry_failed: Annotated[
         bool, typer.Option("--retry-failed/--no-retry-failed", help="Run failed runs again.")
     ] = True,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No line per finished run.")] = False,
+    quiet: SweepQuietOpt = False,
 ) -> None:
     """Run (or resume) every run of a sweep; finished runs are skipped.
 
@@ -94,13 +89,13 @@ def sweep(
     counts = outcome.counts
     console.print(
         f"done {counts['done']}/{total}, failed {counts['failed']}, pending {counts['pending']} "
-        f"in {_duration(outcome.wall_s)}"
+        f"in {duration(outcome.wall_s)}"
         + (f", still running {counts['running']}" if counts["running"] else "")
     )
     if outcome.rerun:
         console.print(f"ran again {len(outcome.rerun)} finished run(s) whose model directory was missing")
     for row in outcome.failed[:10]:
-        console.print(f"  failed {row['run_id']}: {_last_line(row['error'])}")
+        console.print(f"  failed {row['run_id']}: {last_line(row['error'])}")
     if counts["failed"]:
         console.print("see `dgprune status` for the errors; the same `dgprune sweep` command retries them")
         raise typer.Exit(1)
@@ -116,33 +111,31 @@ def status(
     errors: Annotated[
         bool, typer.Option("--errors", help="Print the full error text of failed runs.")
     ] = False,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print the status as JSON (counts, ETA, running and failed runs).")
-    ] = False,
+    as_json: StatusJsonOpt = False,
 ) -> None:
     """Show done / running / failed / pending runs of a sweep, with an ETA."""
     spec = load_sweep(config, out, sets=set_values)
     state = sweep_status(spec)
     if as_json:
-        print(json.dumps(status_dict(spec, state), indent=1))
+        print_json(status_dict(spec, state))
         return
     c = state.counts
     console.print(f"sweep {spec.name}: {state.total} runs ({spec.db_path})")
     console.print(f"  done {c['done']}  running {c['running']}  failed {c['failed']}  pending {c['pending']}")
     now = time.time()
     for row in state.running:
-        since = f", for {_duration(now - row['started_at'])}" if row.get("started_at") else ""
-        console.print(f"  running {row['run_id']}: {_describe_row(row)}{since}")
+        since = f", for {duration(now - row['started_at'])}" if row.get("started_at") else ""
+        console.print(f"  running {row['run_id']}: {describe_row(row)}{since}")
     for row in state.failed:
-        text = row["error"] if errors else _last_line(row["error"])
-        console.print(f"  failed {row['run_id']}: {_describe_row(row)}: {text}")
+        text = row["error"] if errors else last_line(row["error"])
+        console.print(f"  failed {row['run_id']}: {describe_row(row)}: {text}")
     remaining = c["pending"] + c["running"]
     if remaining == 0:
         console.print("  finished" if not c["failed"] else "  finished, with failures")
     elif state.eta_s is None:
         console.print("  ETA: unknown until a run of each kind (pretraining, pruning) has finished")
     else:
-        console.print(f"  ETA: {_duration(state.eta_s)} at {state.parallel} worker(s)")
+        console.print(f"  ETA: {duration(state.eta_s)} at {state.parallel} worker(s)")
 
 
 def report(
@@ -163,14 +156,7 @@ def report(
         str, typer.Option("--format", help="Table formats: md, csv, tex (comma-separated).")
     ] = ",".join(FORMATS),
     plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write PNG plots.")] = True,
-    as_json: Annotated[
-        bool,
-        typer.Option(
-            "--json",
-            help="Print the report as JSON instead of tables: every table (header and rows), the win "
-            "count, the paired comparisons and the files written.",
-        ),
-    ] = False,
+    as_json: ReportJsonOpt = False,
 ) -> None:
     """Tables (paper's Table 1 and Table 2 layouts), IoR-vs-Taylor wins and plots of a sweep.
 
@@ -181,24 +167,15 @@ def report(
         raise ConfigError("give a sweep file (or preset name), or --db PATH")
     spec = load_sweep(config, out, sets=set_values) if config is not None else None
     db_path = db or spec.db_path  # type: ignore[union-attr]
-    records = sweep_records(spec, db_path)
-    if not records:
-        raise ConfigError(f"{db_path}: no finished runs to report yet")
-    with Store(db_path) as store:
-        done = store.rows("done")
-    widths = {r["run_id"]: r["layer_widths"] for r in done if r["layer_widths"]}
-    configs = {r["run_id"]: r["config"] for r in done}
+    inputs = read_report_inputs(db_path, spec)
     target = report_dir or (spec.directory / "report" if spec is not None else db_path.parent / "report")
-    chosen = tuple(f.strip() for f in formats.split(",") if f.strip())
-    unknown = [f for f in chosen if f not in FORMATS]
-    if unknown:
-        raise ConfigError(f"unknown format(s) {', '.join(unknown)}; valid: {', '.join(FORMATS)}")
-    result = write_report(records, target, widths, chosen, plots, configs)
+    chosen = parse_formats(formats)
+    result = write_report(inputs.records, target, inputs.widths, chosen, plots, inputs.configs)
     if as_json:
-        print(json.dumps({"report_dir": str(target), "runs": len(records), **result.to_dict()}, indent=1))
+        print_json({"report_dir": str(target), "runs": len(inputs.records), **result.to_dict()})
         return
     for section in result.sections:
-        _print_table(section.table, section.title)
+        print_table(section.table, section.title)
     if result.wins is not None and result.wins.comparisons:
         console.print(result.wins.summary())
     console.print(f"wrote {len(result.files)} table file(s) and {len(result.plots)} plot(s) to {target}")
@@ -219,14 +196,13 @@ def status_dict(spec: Sweep, state: SweepStatus, now: float | None = None) -> di
         "running": [
             {
                 "run_id": row["run_id"],
-                "run": _describe_row(row),
+                "run": describe_row(row),
                 "running_s": now - row["started_at"] if row.get("started_at") else None,
             }
             for row in state.running
         ],
         "failed": [
-            {"run_id": row["run_id"], "run": _describe_row(row), "error": row["error"]}
-            for row in state.failed
+            {"run_id": row["run_id"], "run": describe_row(row), "error": row["error"]} for row in state.failed
         ],
     }
 
@@ -281,7 +257,7 @@ class SweepProgress:
             if row["run_id"] not in self._reported:
                 self._reported.add(row["run_id"])
                 self.progress.console.print(
-                    f"failed {row['run_id']}: {_describe_row(row)}: {_last_line(row['error'])}",
+                    f"failed {row['run_id']}: {describe_row(row)}: {last_line(row['error'])}",
                     markup=False,
                     highlight=False,
                 )
@@ -290,45 +266,11 @@ class SweepProgress:
         elif state.eta_s is None:
             eta = "ETA after the first run of each kind"
         else:
-            eta = f"ETA {_duration(state.eta_s)} at {state.parallel} worker(s)"
+            eta = f"ETA {duration(state.eta_s)} at {state.parallel} worker(s)"
         info = f"done {c['done']} | failed {c['failed']} | running {c['running']} | {eta}"
         self.progress.update(self.task, total=state.total, completed=c["done"] + c["failed"], info=info)
         self.progress.refresh()
 
 
-def register(app: typer.Typer) -> None:
-    """Add the sweep commands to dgprune's command line."""
-    app.command()(sweep)
-    app.command()(status)
-    app.command()(report)
-
-
-def _print_table(table: Table, title: str) -> None:
-    rich_table = RichTable(title=title, box=box.SIMPLE_HEAVY)
-    for column in table.header:
-        rich_table.add_column(column, justify="left" if column in ("Model", "Pretrain") else "right")
-    for row in table.rows:
-        rich_table.add_row(*row)
-    console.print(rich_table)
-
-
-def _describe_row(row: dict) -> str:
-    label = criterion_label(row["criterion"], row.get("criterion_params"))  # rows() fills it in, old DBs too
-    what = "dense" if row["kind"] == "dense" else f"{label} keep {row['keep_ratio']:g}"
-    if row.get("finetune_algorithm") not in (None, "erm"):
-        what += f" ft {row['finetune_algorithm']}"
-    return f"target {row['target_domain']} seed {row['seed']} {row['algorithm']} {what}"
-
-
-def _last_line(text: str | None) -> str:
-    lines = (text or "").strip().splitlines()
-    return lines[-1] if lines else "(no error text)"
-
-
-def _duration(seconds: float) -> str:
-    seconds = max(0.0, seconds)
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
+# In the order of `dgprune --help`.
+COMMANDS: list[tuple[str, Callable[..., None]]] = [("sweep", sweep), ("status", status), ("report", report)]
