@@ -24,6 +24,13 @@ given. Normalisations keep equivalent runs single: a criterion parameter that th
 criteria that take it and is left out for the others (Taylor runs are not split by IoR's alpha), and
 ``prune.finetune_algorithm: same`` means the pretraining algorithm.
 
+``hparams_seed: [0, 1, 2]`` is DomainBed's random hyper-parameter search as a grid axis: seed 0 keeps
+the defaults; seed n > 0 draws the pretraining hyper-parameters (lr, weight decay, batch size and the
+algorithm's own) from DomainBed's distributions for the dataset's kind
+(``dgprune.algorithms.random_hparams``, docs/algorithms.md). Values the file sets explicitly (in
+``base``, a ``base_preset`` or the grid) win over the draws. The drawn values are part of the run's
+config, so they are in its id and its ``run.json``.
+
 Runs that share a pretrained model (same ``pretrain_id()``) form one *unit*: a worker claims the
 unit, pretrains once (or reuses the finished pretraining), then runs every pruning of it.
 """
@@ -39,7 +46,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from dgprune.data import MultiDomainDataset
+from dgprune.algorithms import pretrain_section, random_hparams
+from dgprune.data import MultiDomainDataset, dataset_kind
 from dgprune.errors import ConfigError
 from dgprune.experiments.config import (
     SET_OPTION,
@@ -60,6 +68,7 @@ PRESETS_DIR = Path(__file__).parent.parent / "presets"
 SAME_AS_PRETRAIN = "same"
 DEFAULT_CRITERION: str = PruneSettings.model_fields["criterion"].default
 DEFAULT_STALE_AFTER_S = 120.0
+HPARAMS_SEED_KEY = "hparams_seed"  # a grid axis, not a config key: DomainBed's random search
 
 
 class SweepOptions(BaseModel):
@@ -326,6 +335,8 @@ def expand_grid(base: dict[str, Any], grids: list[dict[str, Any]]) -> list[RunCo
                 if key == "target":
                     targets = None if value == "all" else [str(value)]
                     continue
+                if key == HPARAMS_SEED_KEY:
+                    continue
                 if key != _PARAMS_KEY and _criterion_param(key) is None:
                     _set_dotted(tree, key, value)
             criterion = (tree.get("prune") or {}).get("criterion", DEFAULT_CRITERION)
@@ -345,6 +356,9 @@ def expand_grid(base: dict[str, Any], grids: list[dict[str, Any]]) -> list[RunCo
             if prune.get("finetune_algorithm") == SAME_AS_PRETRAIN:
                 prune["finetune_algorithm"] = (tree.get("pretrain") or {}).get("algorithm", "erm")
             config = build_config(base=tree)
+            if HPARAMS_SEED_KEY in keys:
+                seed = combo[keys.index(HPARAMS_SEED_KEY)]
+                config = _with_random_hparams(tree, config, seed, f"grid {number}")
             if targets is None and config.target is None:  # `target: all` (or no target at all)
                 targets = dataset_of(config).domain_names
             for target in targets or [config.target]:
@@ -357,6 +371,23 @@ def expand_grid(base: dict[str, Any], grids: list[dict[str, Any]]) -> list[RunCo
                     )
                 by_id.setdefault(resolved.run_id(), resolved)
     return sorted(by_id.values(), key=_canonical_key)
+
+
+def _with_random_hparams(tree: dict[str, Any], config: RunConfig, seed: Any, where: str) -> RunConfig:
+    """``config`` with DomainBed's random draw ``seed`` for its pretraining (0: unchanged); the
+    pretraining settings that ``tree`` (the file's explicit settings) gives win over the draws."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ConfigError(
+            f"{where}: {HPARAMS_SEED_KEY} must be integers >= 0 (0: the defaults), got {seed!r}"
+        )
+    if seed == 0:
+        return config
+    explicit = tree.get("pretrain") or {}
+    fixed = {k: v for k, v in explicit.items() if k in ("lr", "weight_decay", "batch_size")}
+    fixed.update(explicit.get("hparams") or {})
+    drawn = random_hparams(config.pretrain.algorithm, dataset_kind(config.data.name), seed, fixed=fixed)
+    drawn_tree = merge_tree(config.model_dump(), {"pretrain": pretrain_section(drawn)})
+    return build_config(base=drawn_tree)
 
 
 def _canonical_key(c: RunConfig) -> tuple:
