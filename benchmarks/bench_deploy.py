@@ -2,9 +2,9 @@
 
 Part 1 — dense vs compressed, torch vs onnxruntime. The dense model is ``build_model("resnet18",
 num_classes=7, in_channels=3)`` (ImageNet stem, random weights, eval). The compressed models come from
-the library's own pruning schedule (``PruningSchedule``) fed, once, every filter's L1 norm divided by
-its group's mean L1 norm (so that the global ranking gives the groups comparable shares, as trained
-networks' Taylor scores roughly do), then ``compress``:
+the library's own pruning schedule (``PruningSchedule``, at most 100 channels a step as by default)
+fed every filter's L1 norm divided by its group's mean L1 norm (so that the global ranking gives the
+groups comparable shares, as trained networks' Taylor scores roughly do), then ``compress``:
 
 - ``keep 0.5`` and ``keep 0.3``: cut exactly at the target (``round_to`` 1);
 - ``keep 0.3 per_layer``: ``round_to`` 8, each group rounded on its own (``round_mode: per_layer``);
@@ -77,11 +77,17 @@ def build_variant(
 ) -> tuple[nn.Module, dict[str, Any]]:
     model = copy.deepcopy(dense).eval()
     gates = GateSet(model, groups).attach()
+    # The schedule's default cap of 100 channels a step, as in a pruning run (one step per interval
+    # of 1 batch; the same scores every step, since the weights do not change here).
     schedule = PruningSchedule(
-        gates.sizes, keep, interval=1, max_per_step=gates.total, round_to=round_to, round_mode=round_mode
+        gates.sizes, keep, interval=1, max_per_step=100, round_to=round_to, round_mode=round_mode
     )
-    schedule.observe(group_normalised_l1(model, gates))
-    gates.prune(schedule.step())
+    scores = group_normalised_l1(model, gates)
+    while not schedule.done:
+        schedule.observe(scores)
+        chosen = schedule.step()
+        if chosen is not None:
+            gates.prune(chosen)
     x_check = torch.randn(2, 3, TRACE_SIDE, TRACE_SIDE)
     with torch.inference_mode():
         masked = model(x_check)
