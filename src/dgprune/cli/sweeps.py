@@ -178,6 +178,8 @@ def report(
         print_table(section.table, section.title)
     if result.wins is not None and result.wins.comparisons:
         console.print(result.wins.summary())
+    if result.draw_selection.slots:
+        console.print(f"hyper-parameter search: {result.draw_selection.summary()}")
     console.print(f"wrote {len(result.files)} table file(s) and {len(result.plots)} plot(s) to {target}")
 
 

@@ -15,6 +15,7 @@ from dgprune.errors import ConfigError
 from dgprune.experiments.records import ResultRecord
 from dgprune.pruning.criteria import criterion_label
 from dgprune.report.paired import PairedComparison, paired_comparisons, paired_table
+from dgprune.report.selection import DrawSelection, select_draws_by_validation
 from dgprune.report.table1 import Table, table1
 from dgprune.report.table2 import table2
 from dgprune.report.wins import WinCount, count_wins
@@ -124,6 +125,8 @@ class SweepReport:
     # Every criterion against Taylor-FO, paired by seed and target: cross-domain (always), and
     # intra-domain too when the report has the criteria-study section.
     paired: list[PairedComparison] = field(default_factory=list)
+    # Hyper-parameter draws chosen by training-domain validation (report/selection.py).
+    draw_selection: DrawSelection = field(default_factory=DrawSelection)
 
     def to_dict(self) -> dict[str, Any]:
         """The report as plain data (`dgprune report --json`): tables as header + rows of the cells
@@ -141,6 +144,11 @@ class SweepReport:
             "paired": [_paired_dict(c) for c in self.paired],
             "files": [str(p) for p in self.files],
             "plots": [str(p) for p in self.plots],
+            "hparam_draws": {
+                "slots": self.draw_selection.slots,
+                "draws": self.draw_selection.draws,
+                "kept": self.draw_selection.kept,
+            },
         }
 
     def to_markdown(self) -> str:
@@ -149,6 +157,8 @@ class SweepReport:
             parts += [f"### {section.title}", "", section.table.to_markdown(), ""]
         if self.wins is not None and self.wins.comparisons:
             parts += [f"**{self.wins.summary()}**", ""]
+        if self.draw_selection.slots:
+            parts += [f"Hyper-parameter search: {self.draw_selection.summary()}.", ""]
         return "\n".join(parts)
 
 
@@ -291,12 +301,15 @@ def write_report(
     """Table 1 and Table 2 layouts (mean ± standard error over seeds), IoR-vs-Taylor wins, plots.
 
     Writes ``out_dir/<table>.{md,csv,tex}``, ``out_dir/wins.*``, ``out_dir/report.md`` and PNGs.
-    Runs that would share a cell are an error (``check_one_run_per_cell``).
+    Where runs differ only in their pretraining hyper-parameters (a ``hparams_seed`` search), each
+    slot's best draw by source validation accuracy is kept (``select_draws_by_validation``); other runs
+    that would share a cell are an error (``check_one_run_per_cell``).
     """
+    records, selection = select_draws_by_validation(records, configs)
     check_one_run_per_cell(records, configs)
     from dgprune.report.plots import plot_accuracy_vs_filters, plot_layer_widths  # matplotlib: lazy
 
-    report = SweepReport()
+    report = SweepReport(draw_selection=selection)
     out_dir.mkdir(parents=True, exist_ok=True)
     for (dataset, model, algorithm), group in sorted(_table1_groups(records).items()):
         seeds = len({r.seed for r in group})
