@@ -94,3 +94,32 @@ def test_report_inputs_are_the_done_runs_with_their_configs_and_widths(tmp_path)
     assert sorted(r.run_id for r in inputs.records) == sorted([done.run_id, other.run_id])
     assert inputs.widths == {done.run_id: [["conv1", 32, 64]]}
     assert inputs.configs == {done.run_id: {"seed": 0}, other.run_id: {"seed": 1}}
+
+
+@pytest.mark.parametrize(("criterion", "finetune"), [("none", None), ("ior", "erm"), ("taylor", "coral")])
+def test_status_lines_and_done_lines_describe_a_run_alike(criterion, finetune):
+    """`dgprune status` (from a database row) and the sweep's `done` line (from the record) name a
+    run's settings with the same words: both come from experiments.records.describe_run."""
+    from test_report import record
+
+    from dgprune.cli.output import describe_row
+    from dgprune.experiments.sweep import describe_result
+
+    r = record("coral", criterion, finetune, "30", 2, cross=0.5)
+    row = {
+        "kind": "dense" if criterion == "none" else "pruned",
+        "target_domain": r.target_domain,
+        "seed": r.seed,
+        "algorithm": r.algorithm,
+        "criterion": r.criterion,
+        "criterion_params": r.criterion_params,
+        "keep_ratio": r.keep_ratio,
+        "finetune_algorithm": r.finetune_algorithm,
+    }
+    expected = {
+        "none": "target 30 seed 2 coral dense",
+        "ior": "target 30 seed 2 coral ior keep 0.5",
+        "taylor": "target 30 seed 2 coral taylor keep 0.5 ft coral",
+    }[criterion]
+    assert describe_row(row) == expected
+    assert f": rotated_digits {expected}: intra" in describe_result(r)

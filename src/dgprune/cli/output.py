@@ -11,8 +11,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table as RichTable
 
-from dgprune.experiments.records import ResultRecord
-from dgprune.pruning.criteria import criterion_label
+from dgprune.experiments.records import ResultRecord, describe_run
 from dgprune.report.table1 import Table
 
 # Paper-style tables are wide: do not wrap them to 80 columns when output is not a terminal.
@@ -59,11 +58,15 @@ def describe_record(record: ResultRecord) -> str:
 
 def describe_row(row: dict[str, Any]) -> str:
     """A run of a sweep by its settings, from its database row (`Store.rows`)."""
-    label = criterion_label(row["criterion"], row.get("criterion_params"))  # rows() fills it in, old DBs too
-    what = "dense" if row["kind"] == "dense" else f"{label} keep {row['keep_ratio']:g}"
-    if row.get("finetune_algorithm") not in (None, "erm"):
-        what += f" ft {row['finetune_algorithm']}"
-    return f"target {row['target_domain']} seed {row['seed']} {row['algorithm']} {what}"
+    return describe_run(
+        target=row["target_domain"],
+        seed=row["seed"],
+        algorithm=row["algorithm"],
+        criterion="none" if row["kind"] == "dense" else row["criterion"],
+        criterion_params=row.get("criterion_params"),  # rows() fills it in, old databases too
+        keep_ratio=row["keep_ratio"],
+        finetune_algorithm=row.get("finetune_algorithm"),
+    )
 
 
 def last_line(text: str | None) -> str:

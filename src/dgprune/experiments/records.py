@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from dgprune import __version__
+from dgprune.pruning.criteria import criterion_label
 
 
 def library_versions() -> dict[str, str]:
@@ -88,3 +89,25 @@ def write_records(path: Path, records: list[ResultRecord]) -> None:
 
 def read_records(path: Path) -> list[ResultRecord]:
     return [ResultRecord.from_dict(row) for row in json.loads(path.read_text())]
+
+
+def describe_run(
+    *,
+    target: str,
+    seed: int,
+    algorithm: str,
+    criterion: str,
+    criterion_params: dict[str, Any] | None,
+    keep_ratio: float | None,
+    finetune_algorithm: str | None,
+) -> str:
+    """A run by its settings, as the sweep's lines show it: ``target 0 seed 1 erm taylor keep 0.5``
+    (``dense`` for the pretrained model; `` ft coral`` when fine-tuned with another objective)."""
+    what = (
+        "dense"
+        if criterion == "none"
+        else f"{criterion_label(criterion, criterion_params)} keep {keep_ratio:g}"
+    )
+    if finetune_algorithm not in (None, "erm"):
+        what += f" ft {finetune_algorithm}"
+    return f"target {target} seed {seed} {algorithm} {what}"

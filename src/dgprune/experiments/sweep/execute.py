@@ -22,11 +22,10 @@ from torch import nn
 from dgprune.errors import ConfigError
 from dgprune.experiments.config import RunConfig
 from dgprune.experiments.pipeline import METRICS_FILE, make_context, run_pretrain, run_prune
-from dgprune.experiments.records import ResultRecord
+from dgprune.experiments.records import ResultRecord, describe_run
 from dgprune.experiments.store import RunResult, Store
 from dgprune.experiments.sweep.spec import dataset_of
 from dgprune.models import build_model
-from dgprune.pruning.criteria import criterion_label
 from dgprune.pruning.measure import layer_widths, measure_latency_ms
 from dgprune.pruning.surgery import STRUCTURE_FILE, WEIGHTS_FILE
 from dgprune.training.checkpoint import CHECKPOINT_FILE
@@ -107,12 +106,17 @@ class StageHooks:
 
 
 def describe_result(r: ResultRecord) -> str:
-    label = criterion_label(r.criterion, r.criterion_params)
-    what = "dense" if r.criterion == "none" else f"{label} keep {r.keep_ratio:g}"
-    if r.finetune_algorithm not in (None, "erm"):
-        what += f" ft {r.finetune_algorithm}"
+    settings = describe_run(
+        target=r.target_domain,
+        seed=r.seed,
+        algorithm=r.algorithm,
+        criterion=r.criterion,
+        criterion_params=r.criterion_params,
+        keep_ratio=r.keep_ratio,
+        finetune_algorithm=r.finetune_algorithm,
+    )
     return (
-        f"done {r.run_id}: {r.dataset} target {r.target_domain} seed {r.seed} {r.algorithm} {what}: "
+        f"done {r.run_id}: {r.dataset} {settings}: "
         f"intra {100 * r.intra_acc:.2f}% cross {100 * r.cross_acc:.2f}% ({r.wall_time_s:.1f} s)"
     )
 
