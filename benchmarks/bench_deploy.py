@@ -41,9 +41,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from bench_latency import TARGET, parse_setting, quartiles, time_models  # benchmarks/bench_latency.py
+from bench_latency import (  # benchmarks/bench_latency.py
+    TARGET,
+    TRACE_SIDE,
+    parse_setting,
+    quartiles,
+    time_models,
+)
 from machine import load_average, machine_info  # benchmarks/machine.py
 from torch import nn
 
@@ -51,7 +56,6 @@ from dgprune.models.factory import build_model
 from dgprune.pruning import GateSet, PruningSchedule, compress, export_onnx, find_channel_groups, model_cost
 from dgprune.pruning.weight_stats import weight_statistics
 
-TRACE_SIDE = 64
 # (name, keep ratio, round_to, round_mode)
 VARIANTS: tuple[tuple[str, float, int, str], ...] = (
     ("keep 0.5", 0.5, 1, "budget"),
@@ -312,5 +316,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    np.seterr(all="ignore")
     main()

@@ -46,10 +46,11 @@ def select_draws_by_validation(
     """``records`` with, in every slot of several draws, only the best-validated draw's runs."""
     if not configs or any(r.run_id not in configs for r in records):
         return records, DrawSelection()
+    place = {r.run_id: _slot_and_draw(configs[r.run_id]) for r in records}  # run id -> (slot, draw)
     draws_of_slot: dict[str, dict[str, float | None]] = defaultdict(dict)  # slot -> draw -> dense intra
     dense_of: dict[tuple[str, str], str] = {}
     for r in records:
-        slot, draw = _slot_and_draw(configs[r.run_id])
+        slot, draw = place[r.run_id]
         best = draws_of_slot[slot].setdefault(draw, None)
         if r.criterion == "none":
             draws_of_slot[slot][draw] = r.intra_acc if best is None else max(best, r.intra_acc)
@@ -68,9 +69,5 @@ def select_draws_by_validation(
         best = max(validated, key=lambda d: validated[d])  # first of equals: database order
         chosen[slot] = best
         kept[dense_of[slot, best]] = best
-    selected = []
-    for r in records:
-        slot, draw = _slot_and_draw(configs[r.run_id])
-        if chosen.get(slot) == draw:
-            selected.append(r)
+    selected = [r for r in records if chosen.get(place[r.run_id][0]) == place[r.run_id][1]]
     return selected, DrawSelection(slots, draws, kept)
