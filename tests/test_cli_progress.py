@@ -137,7 +137,7 @@ def test_status_and_report_as_json(tmp_path):
     result = run_cli("status", "s.yaml", "--json", cwd=tmp_path)
     ok(result)
     before = json.loads(result.stdout)
-    assert before["counts"] == {"done": 0, "running": 0, "failed": 0, "pending": 3}
+    assert before["counts"] == {"done": 0, "running": 0, "stale": 0, "failed": 0, "pending": 3}
     assert before["total"] == 3 and before["finished"] is False and before["eta_s"] is None
     ok(sweep_run := run_cli("sweep", "s.yaml", cwd=tmp_path))
     assert sweep_run.stdout.count("done ") >= 3  # not a terminal: a line per finished run

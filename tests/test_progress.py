@@ -122,9 +122,9 @@ def test_rich_bars_show_filters_and_val_and_leave_one_line_per_stage():
 def test_the_sweep_bar_counts_runs_and_reports_failures():
     console, buffer = terminal()
     states = [
-        SweepStatus({"done": 0, "running": 1, "failed": 0, "pending": 2}, 3, [], [], None, 1),
+        SweepStatus({"done": 0, "running": 1, "stale": 0, "failed": 0, "pending": 2}, 3, [], [], None, 1),
         SweepStatus(
-            {"done": 1, "running": 0, "failed": 1, "pending": 1},
+            {"done": 1, "running": 0, "stale": 0, "failed": 1, "pending": 1},
             3,
             [],
             [

@@ -241,7 +241,8 @@ def test_killed_sweep_resumes_complete_without_duplicates_and_same_numbers(kille
 def test_status_and_report_of_the_finished_sweep(killed_and_resumed):
     config, killed_dir, _ = killed_and_resumed
     state = sweep_status(load_sweep(config, killed_dir))
-    assert state.counts == {"done": 6, "running": 0, "failed": 0, "pending": 0} and state.eta_s == 0
+    assert state.counts == {"done": 6, "running": 0, "stale": 0, "failed": 0, "pending": 0}
+    assert state.eta_s == 0
     status = CliRunner().invoke(app, ["status", str(config), "--out", str(killed_dir)])
     assert status.exit_code == 0 and "done 6" in status.stdout and "finished" in status.stdout
     report_dir = killed_dir / "report"

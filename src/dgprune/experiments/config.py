@@ -16,7 +16,7 @@ from dgprune.data import RESULT_NEUTRAL_OPTIONS, dataset_kind, dataset_name
 from dgprune.errors import ConfigError, DataError
 from dgprune.models import MODELS
 from dgprune.pruning.criteria import criterion_param_defaults
-from dgprune.training.settings import PretrainSettings, PruneSettings
+from dgprune.training.settings import MAX_SEED, PretrainSettings, PruneSettings
 
 
 class _Strict(BaseModel):
@@ -28,7 +28,9 @@ class DataSettings(_Strict):
     val_fraction: float = Field(
         0.1, gt=0, lt=1, description="share of each source domain held out (paper 0.1)"
     )
-    data_seed: int = Field(0, description="seed that fixes domain assignment, independent of the run seed")
+    data_seed: int = Field(
+        0, ge=0, le=MAX_SEED, description="seed that fixes domain assignment, independent of the run seed"
+    )
     options: dict[str, Any] = Field(
         default_factory=dict, description="dataset options, e.g. root, image_size (see docs/datasets.md)"
     )
@@ -64,7 +66,7 @@ class RunConfig(_Strict):
     model: ModelSettings = ModelSettings()
     pretrain: PretrainSettings = PretrainSettings()
     prune: PruneSettings = PruneSettings()
-    seed: int = Field(0, description="training seed (data split, batches, init)")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="training seed (data split, batches, init)")
     device: Literal["cpu", "cuda", "auto"] = "auto"
 
     @field_validator("target", mode="before")
@@ -102,6 +104,9 @@ class RunConfig(_Strict):
         # round_mode came with the budget rule; runs rounded before it used per_layer and keep their ids.
         if prune.get("round_to", 1) == 1 or prune.get("round_mode") == "per_layer":
             prune.pop("round_mode", None)
+        # max_layer_prune 1 allows what no limit allows (the same runs): both keep the ids of before it.
+        if prune.get("max_layer_prune") in (None, 1.0):
+            prune.pop("max_layer_prune", None)
         if "criterion_params" in prune:
             # Ids were first computed with a top-level prune.alpha (1.0 unless set, for every criterion)
             # and no criterion_params: keep that form, so that existing results keep their ids.
@@ -114,7 +119,7 @@ class RunConfig(_Strict):
         return payload
 
 
-_LATER_PRUNE_DEFAULTS: dict[str, Any] = {"round_to": 1, "bn_mode": "per_domain"}
+_LATER_PRUNE_DEFAULTS: dict[str, Any] = {"round_to": 1, "bn_mode": "per_domain", "target_access": "none"}
 
 # Bumped when a code change alters the results of an unchanged config, so that stale results on
 # disk are not reused under the same id. 2: Mixup draws from the run seed (was a fixed 0).
@@ -126,6 +131,64 @@ def _digest(payload: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(salted, sort_keys=True).encode()).hexdigest()[:12]
 
 
+# Most values a YAML text may expand to, aliases counted as copies of what they name (docs/experiments.md,
+# "Limits"): a config holds hundreds, and an alias bomb (9 levels of 9 aliases: 9**9 values) must be
+# refused before it is built, not expanded by validation and printed back.
+MAX_YAML_VALUES = 100_000
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """``yaml.safe_load`` of ``text``, refusing a document that would expand to more than
+    MAX_YAML_VALUES values or that refers to itself; yaml.YAMLError for invalid YAML."""
+    loader = yaml.SafeLoader(text)
+    try:
+        try:
+            node = loader.get_single_node()
+        except RecursionError:
+            raise ConfigError(f"{source}: nested too deeply") from None
+        if node is None:
+            return None
+        _check_expanded_size(node, source)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
+
+
+def _check_expanded_size(root: yaml.Node, source: str) -> None:
+    """The composed graph shares the nodes aliases name: count them as copies (post-order, each
+    node's size once), stopping as soon as the count passes the limit or a node contains itself."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()  # on the current path: meeting one again is a cycle
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        key = id(node)
+        if finished:
+            open_nodes.discard(key)
+            sizes[key] = 1 + sum(sizes[id(child)] for child in _children(node))
+            if sizes[key] > MAX_YAML_VALUES:
+                raise ConfigError(
+                    f"{source}: its aliases expand to more than {MAX_YAML_VALUES:,} values; refused "
+                    "(an alias bomb?)"
+                )
+            continue
+        if key in sizes:
+            continue
+        if key in open_nodes:
+            raise ConfigError(f"{source}: an alias refers to a value that contains it (a recursive alias)")
+        open_nodes.add(key)
+        stack.append((node, True))
+        stack.extend((child, False) for child in _children(node))
+
+
 def read_mapping(path: Path) -> dict[str, Any]:
     """A YAML/TOML/JSON file's top-level mapping ({} if empty); ConfigError if missing or invalid."""
     if not path.is_file():
@@ -135,7 +198,7 @@ def read_mapping(path: Path) -> dict[str, Any]:
         if path.suffix == ".toml":
             data = tomllib.loads(text)
         elif path.suffix in (".yaml", ".yml", ".json"):
-            data = yaml.safe_load(text)
+            data = load_yaml(text, str(path))
         else:
             raise ConfigError(
                 f"{path}: unknown config format {path.suffix!r}; use .yaml, .yml, .toml or .json"
@@ -214,7 +277,7 @@ def parse_set_overrides(items: Sequence[str] | None, option: str = SET_OPTION) -
                 f"{option} expects KEY=VALUE with a dotted key, e.g. {option} prune.lr=0.01, got {item!r}"
             )
         try:
-            value = yaml.safe_load(text)
+            value = load_yaml(text, f"{option} {item!r}")
         except yaml.YAMLError as err:
             reason = getattr(err, "problem", None) or " ".join(str(err).split())
             raise ConfigError(f"{option} {item!r}: the value is not valid YAML ({reason})") from None
@@ -283,9 +346,14 @@ def format_validation_error(err: ValidationError) -> str:
     for problem in err.errors():
         where = ".".join(str(part) for part in problem["loc"])
         got = problem.get("input")
-        shown = f" (got {got!r})" if not isinstance(got, dict) else ""
+        shown = f" (got {_shorten(repr(got))})" if not isinstance(got, dict) else ""
         lines.append(f"  {where}: {problem['msg']}{shown}")
     return "\n".join(lines)
+
+
+def _shorten(text: str, limit: int = 120) -> str:
+    """A value shown in an error message: at most ``limit`` characters (a long list is cut)."""
+    return text if len(text) <= limit else f"{text[: limit - 15]}... ({len(text):,} characters)"
 
 
 def dump_config(config: RunConfig, exclude: set[str] | None = None) -> str:

@@ -24,11 +24,13 @@ import os
 import socket
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import TypeAdapter, ValidationError
 
 from dgprune.errors import DgpruneError
 from dgprune.experiments.records import ResultRecord, legacy_criterion_params
@@ -38,6 +40,7 @@ BUSY_TIMEOUT_MS = 60_000
 
 # ResultRecord fields stored in their own columns (nested values as JSON text).
 _RECORD_FIELDS = {f.name: f for f in fields(ResultRecord)}
+_RECORD_ADAPTER = TypeAdapter(ResultRecord)  # a row's values checked against the record's types
 _RECORD_COLUMNS = list(_RECORD_FIELDS)
 _JSON_COLUMNS = {"dense_per_domain_acc", "layer_widths", "config"} | {
     f.name for f in fields(ResultRecord) if "dict" in str(f.type) or "list" in str(f.type)
@@ -149,6 +152,19 @@ def pid_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
+def worker_gone(
+    unit: Mapping[str, Any], now: float, stale_after_s: float, host: str | None = None
+) -> Literal["dead", "silent"] | None:
+    """Why the worker of a running unit is gone: its process on this host is "dead", or its heartbeat
+    is missing or older than ``stale_after_s`` ("silent"); None while it is alive."""
+    host = this_host() if host is None else host
+    if unit["host"] == host and unit["pid"] is not None and not pid_alive(unit["pid"]):
+        return "dead"
+    if unit["heartbeat"] is None or now - unit["heartbeat"] > stale_after_s:
+        return "silent"
+    return None
+
+
 def _open_problem(err: OSError | sqlite3.Error) -> str:
     text = str(err.strerror if isinstance(err, OSError) and err.strerror else err)
     if "readonly" in text or "read-only" in text.lower() or "unable to open" in text:
@@ -183,6 +199,11 @@ class Store:
         # One script in one transaction, so concurrent first opens do not see half a schema.
         self.conn.executescript(f"BEGIN IMMEDIATE;\n{_SCHEMA}\nCOMMIT;")
         self._add_missing_columns()
+        # The declared type of each column, to check what is read (a hand-edited row may hold anything).
+        self._types = {
+            table: {r["name"]: r["type"].upper() for r in self.conn.execute(f"PRAGMA table_info({table})")}
+            for table in ("units", "runs")
+        }
 
     def _add_missing_columns(self) -> None:
         """A database made by an older dgprune gets a column for each ResultRecord field added since."""
@@ -291,10 +312,10 @@ class Store:
             for row in db.execute(
                 "SELECT unit_id, worker, host, pid, heartbeat, attempts FROM units WHERE status = 'running'"
             ).fetchall():
-                stale = row["heartbeat"] is None or now - row["heartbeat"] > stale_after_s
-                dead = row["host"] == host and row["pid"] is not None and not pid_alive(row["pid"])
-                if not (stale or dead):
+                gone = worker_gone(row, now, stale_after_s, host)
+                if gone is None:
                     continue
+                dead = gone == "dead"
                 if max_attempts is not None and row["attempts"] >= max_attempts:
                     error = (
                         f"worker {row['worker']} (host {row['host']}, pid {row['pid']}) "
@@ -433,15 +454,17 @@ class Store:
     # -- run rows --------------------------------------------------------------------------------
 
     def config_of(self, run_id: str) -> dict[str, Any]:
-        row = self.conn.execute("SELECT config FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        row = self.conn.execute("SELECT run_id, config FROM runs WHERE run_id = ?", (run_id,)).fetchone()
         if row is None:
             raise KeyError(run_id)
-        return json.loads(row["config"])
+        return self._checked_run(dict(row))["config"]
 
-    def runs_of_unit(self, unit_id: str) -> list[sqlite3.Row]:
-        return self.conn.execute(
+    def runs_of_unit(self, unit_id: str) -> list[dict[str, Any]]:
+        """run_id, kind, config (decoded) and status of the unit's runs, in order."""
+        rows = self.conn.execute(
             "SELECT run_id, kind, config, status FROM runs WHERE unit_id = ? ORDER BY position", (unit_id,)
-        ).fetchall()
+        )
+        return [self._checked_run(dict(r)) for r in rows]
 
     def mark_running(self, run_ids: Iterable[str]) -> None:
         now = time.time()
@@ -491,35 +514,81 @@ class Store:
         if status is not None:
             query += " WHERE status = ?"
             args.append(status)
-        rows = [_decode(dict(r)) for r in self.conn.execute(query + " ORDER BY position", args)]
+        rows = [dict(r) for r in self.conn.execute(query + " ORDER BY position", args)]
         if run_ids is not None:
             wanted = set(run_ids)
             rows = [r for r in rows if r["run_id"] in wanted]
-        return rows
+        return [self._checked_run(row) for row in rows]  # only the rows asked for: others may be damaged
 
     def units(self) -> list[dict[str, Any]]:
-        return [dict(r) for r in self.conn.execute("SELECT * FROM units ORDER BY position")]
+        rows = self.conn.execute("SELECT * FROM units ORDER BY position")
+        return [self._checked("units", dict(r), f"unit {r['unit_id']}") for r in rows]
 
     def records(self, run_ids: Iterable[str] | None = None) -> list[ResultRecord]:
         """The ResultRecords of every done run (optionally only those in ``run_ids``)."""
-        return [row_to_record(row) for row in self.rows("done", run_ids)]
+        records = []
+        for row in self.rows("done", run_ids):
+            try:
+                records.append(row_to_record(row))
+            except ValidationError as err:
+                problem = err.errors()[0]
+                column, *inner = problem["loc"]
+                where = f"{column}" + "".join(f"[{part!r}]" for part in inner)
+                got = _shown(problem.get("input"))
+                raise self._damaged(f"run {row['run_id']}", where, f"{problem['msg']} (got {got})") from None
+        return records
+
+    # -- checking what is read -------------------------------------------------------------------
+
+    def _checked(self, table: str, row: dict[str, Any], which: str) -> dict[str, Any]:
+        """``row`` if each value fits its column's declared type (SQLite stores whatever it is given)."""
+        for column, value in row.items():
+            kinds = _SQL_KINDS.get(self._types[table].get(column, ""))
+            if value is not None and kinds is not None and not isinstance(value, kinds[0]):
+                raise self._damaged(which, column, f"holds {_shown(value)}, not {kinds[1]}")
+        return row
+
+    def _checked_run(self, row: dict[str, Any]) -> dict[str, Any]:
+        """A runs row, checked and with its JSON columns decoded."""
+        which = f"run {row.get('run_id')}"
+        self._checked("runs", row, which)
+        for key in _JSON_COLUMNS:
+            if row.get(key) is not None:
+                try:
+                    row[key] = json.loads(row[key])
+                except (json.JSONDecodeError, TypeError):
+                    raise self._damaged(which, key, f"holds {_shown(row[key])}, not JSON") from None
+        if "criterion" in row:  # a row of an older database has IoR's alpha in its own column instead
+            row["criterion_params"] = legacy_criterion_params(row.get("alpha"), row.get("criterion_params"))
+        return row
+
+    def _damaged(self, which: str, column: str, problem: str) -> DgpruneError:
+        return DgpruneError(
+            f"results database {self.path}: {which}: column {column} {problem}; a damaged or hand-edited "
+            "row: repair it, or delete the row (`dgprune sweep` registers and runs a deleted run again)"
+        )
 
 
 def _label_column(key: str, value: Any) -> Any:
     return json.dumps(value, sort_keys=True) if key in _JSON_COLUMNS and value is not None else value
 
 
-def _decode(row: dict[str, Any]) -> dict[str, Any]:
-    for key in _JSON_COLUMNS:
-        if row.get(key) is not None:
-            row[key] = json.loads(row[key])
-    if "criterion" in row:  # a row of an older database has IoR's alpha in its own column instead
-        row["criterion_params"] = legacy_criterion_params(row.get("alpha"), row.get("criterion_params"))
-    return row
+# Python types of SQLite's declared column types, and how an error names them.
+_SQL_KINDS: dict[str, tuple[type | tuple[type, ...], str]] = {
+    "INTEGER": (int, "a whole number"),
+    "REAL": ((int, float), "a number"),
+    "TEXT": (str, "text"),
+}
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def row_to_record(row: dict[str, Any]) -> ResultRecord:
-    """A NULL in a field that has a default (a field newer than the row) takes the default."""
+    """A NULL in a field that has a default (a field newer than the row) takes the default; every
+    value is validated against the record's types (pydantic ValidationError)."""
     values = {}
     for name, spec in _RECORD_FIELDS.items():
         value = row.get(name)
@@ -527,4 +596,4 @@ def row_to_record(row: dict[str, Any]) -> ResultRecord:
         if value is not None or not has_default:
             values[name] = value
     values["criterion_params"] = legacy_criterion_params(row.get("alpha"), row.get("criterion_params"))
-    return ResultRecord(**values)
+    return _RECORD_ADAPTER.validate_python(values)

@@ -87,7 +87,7 @@ def plot_model_dir(model_dir: Path, out: Path | None = None) -> Path:
     path = model_dir / HISTORY_FILE
     if not model_dir.is_dir():
         raise ConfigError(f"--model {model_dir}: no such model directory")
-    history = read_history(path)
+    history = read_history(path, skip_bad=True)  # a damaged line: a warning, the others plotted
     if not history:
         raise ConfigError(
             f"--model {model_dir}: no training curves ({HISTORY_FILE} missing or empty: the directory was "

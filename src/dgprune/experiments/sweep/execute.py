@@ -114,6 +114,7 @@ def describe_result(r: ResultRecord) -> str:
         criterion_params=r.criterion_params,
         keep_ratio=r.keep_ratio,
         finetune_algorithm=r.finetune_algorithm,
+        target_access=r.target_access,
     )
     return (
         f"done {r.run_id}: {r.dataset} {settings}: "
@@ -207,7 +208,7 @@ def _dense_architecture(directory: Path) -> nn.Module:
 def unit_configs(store: Store, unit_id: str) -> tuple[RunConfig, list[RunConfig]]:
     """The unit's configs as registered in the database (the database is the source of truth)."""
     rows = store.runs_of_unit(unit_id)
-    pruned = [RunConfig.model_validate(json.loads(r["config"])) for r in rows if r["kind"] == "pruned"]
+    pruned = [RunConfig.model_validate(r["config"]) for r in rows if r["kind"] == "pruned"]
     if not pruned:
         raise ConfigError(f"unit {unit_id} has no pruning runs")
     return pruned[0], pruned

@@ -4,29 +4,33 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dgprune.errors import ConfigError
 from dgprune.experiments.records import ResultRecord
-from dgprune.experiments.store import Store, pid_alive, this_host
+from dgprune.experiments.store import Store, worker_gone
 from dgprune.experiments.sweep.spec import Sweep
 from dgprune.experiments.sweep.workers import cuda_gpus, resolve_workers
 
 
 @dataclass
 class SweepStatus:
-    counts: dict[str, int]
+    counts: dict[str, int]  # done, running, stale, failed, pending
     total: int
     running: list[dict[str, Any]]
     failed: list[dict[str, Any]]
     eta_s: float | None
     parallel: int
+    # Runs marked running whose worker is gone (dead process, no heartbeat): the next `dgprune sweep`
+    # takes them back. Each row has "stale_reason".
+    stale: list[dict[str, Any]] = field(default_factory=list)
 
 
 def sweep_status(sweep: Sweep, now: float | None = None) -> SweepStatus:
-    """Counts per status (runs not yet registered count as pending) and an ETA.
+    """Counts per status (runs not yet registered count as pending; a running run whose worker is gone
+    counts as stale) and an ETA.
 
     ETA = remaining work / parallelism: each pending run costs the mean wall time of the finished
     runs of its kind (dense or pruned); a running one, that minus its elapsed time; parallelism is
@@ -42,23 +46,27 @@ def sweep_status(sweep: Sweep, now: float | None = None) -> SweepStatus:
             units = {u["unit_id"]: u for u in store.units()}
     else:
         units = {}
-    counts = {"done": 0, "running": 0, "failed": 0, "pending": 0}
+    stale = {
+        run_id: reason
+        for run_id, row in rows.items()
+        if row["status"] == "running"
+        and (reason := _stale_reason(units.get(row["unit_id"]), now, sweep.options.stale_after_s))
+    }
+    counts = {"done": 0, "running": 0, "stale": 0, "failed": 0, "pending": 0}
     for run_id in ids:
-        counts[rows[run_id]["status"] if run_id in rows else "pending"] += 1
+        counts["stale" if run_id in stale else rows[run_id]["status"] if run_id in rows else "pending"] += 1
     done = [r for r in rows.values() if r["status"] == "done" and r["wall_time_s"] is not None]
     mean_s = {
         kind: statistics.mean(r["wall_time_s"] for r in done if r["kind"] == kind)
         for kind in ("dense", "pruned")
         if any(r["kind"] == kind for r in done)
     }
-    running = [r for r in rows.values() if r["status"] == "running"]
+    running = [r for r in rows.values() if r["status"] == "running" and r["run_id"] not in stale]
+    stale_rows = [{**rows[run_id], "stale_reason": reason} for run_id, reason in stale.items()]
     live = {
         (u["host"], u["pid"])
         for u in units.values()
-        if u["status"] == "running"
-        and u["heartbeat"] is not None
-        and now - u["heartbeat"] < sweep.options.stale_after_s
-        and (u["host"] != this_host() or pid_alive(u["pid"]))
+        if u["status"] == "running" and worker_gone(u, now, sweep.options.stale_after_s) is None
     }
     parallel = max(1, len(live) or resolve_workers(sweep.options.workers, cuda_gpus(sweep)))
     eta: float | None = 0.0
@@ -71,13 +79,27 @@ def sweep_status(sweep: Sweep, now: float | None = None) -> SweepStatus:
         if kind not in mean_s:
             eta = None
             break
-        elapsed = now - row["started_at"] if status == "running" and row and row["started_at"] else 0.0
+        running_now = status == "running" and run_id not in stale  # a stale run starts again
+        elapsed = now - row["started_at"] if running_now and row and row["started_at"] else 0.0
         eta += max(mean_s[kind] - elapsed, 0.0)
     if eta is not None:
         eta /= parallel
-    return SweepStatus(
-        counts, len(ids), running, [r for r in rows.values() if r["status"] == "failed"], eta, parallel
-    )
+    failed = [r for r in rows.values() if r["status"] == "failed"]
+    return SweepStatus(counts, len(ids), running, failed, eta, parallel, stale_rows)
+
+
+def _stale_reason(unit: dict[str, Any] | None, now: float, stale_after_s: float) -> str | None:
+    """Why a running run's worker is gone, or None while it is alive."""
+    if unit is None or unit["status"] != "running":
+        return "no worker holds its unit"
+    gone = worker_gone(unit, now, stale_after_s)
+    who = f"worker {unit['worker']} (host {unit['host']}, pid {unit['pid']})"
+    if gone == "dead":
+        return f"{who} is dead"
+    if gone == "silent":
+        beat = "never beat" if unit["heartbeat"] is None else f"last beat {now - unit['heartbeat']:.0f} s ago"
+        return f"{who} is silent ({beat}; stale after {stale_after_s:g} s)"
+    return None
 
 
 def sweep_records(sweep: Sweep | None, db_path: Path) -> list[ResultRecord]:

@@ -235,6 +235,7 @@ def run_sweep(
     sweep.directory.mkdir(parents=True, exist_ok=True)
     with Store(sweep.db_path) as store:
         register_sweep(store, sweep)
+        store.rows(run_ids=sweep.run_ids())  # a damaged row of the sweep: one error now, not in a worker
         store.reclaim_stale(sweep.options.stale_after_s)
         unit_ids = [unit.unit_id for unit in sweep.units()]
         if retry_failed:
