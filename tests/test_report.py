@@ -91,6 +91,21 @@ def hand_cell(values: list[float], signed: bool = False) -> str:
     return f"{text} ± {sd / math.sqrt(len(pct)):.2f}"
 
 
+def hand_mean_se(values: list[float]) -> tuple[float, float]:
+    """(mean, sample standard deviation / sqrt(n)) in percent, computed without dgprune."""
+    pct = [100 * v for v in values]
+    m = sum(pct) / len(pct)
+    return m, math.sqrt(sum((v - m) ** 2 for v in pct) / (len(pct) - 1)) / math.sqrt(len(pct))
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def cell(table: Table, row_label: str, column: str, label_column: int = 0) -> str:
     row = next(r for r in table.rows if r[label_column] == row_label)
     return row[table.header.index(column)]
@@ -143,9 +158,23 @@ def test_report_matches_hand_computation(finished_db, tmp_path):
     assert "1 wins, 1 ties, 0 losses in 2 comparisons" in wins.summary()
 
     out = tmp_path / "report"
+    # The CSVs hold numbers: mean, standard error and n as separate columns (percent, points for Δ).
     with (out / "table1-rotated_digits-mnist_cnn-erm.csv").open() as f:
-        rows = list(csv.reader(f))
-    assert rows[0] == t1.header and rows[2][t1.header.index("0 Cross")] == "63.00 ± 2.08"
+        rows = list(csv.DictReader(f))
+    taylor = next(r for r in rows if r["Model"] == "50% Taylor (baseline)")
+    mean, se = hand_mean_se(CROSS[("erm", "taylor", "erm")][0])
+    assert float(taylor["0 Cross"]) == pytest.approx(mean)
+    assert float(taylor["0 Cross se"]) == pytest.approx(se)
+    assert taylor["0 Cross n"] == "3" and float(taylor["filters kept"]) == 50.0
+    assert all(_is_number(v) for row in rows for k, v in row.items() if k != "Model")
+    with (out / "table2-rotated_digits-mnist_cnn.csv").open() as f:
+        t2_rows = list(csv.DictReader(f))
+    assert float(t2_rows[2]["0 Cross"]) == pytest.approx(hand_mean_se(delta_erm)[0]) == -8.0
+    assert float(t2_rows[2]["0 Cross se"]) == pytest.approx(hand_mean_se(delta_erm)[1])
+    with (out / "wins.csv").open() as f:
+        wins_rows = list(csv.DictReader(f))
+    assert [float(r["Δ (points)"]) for r in wins_rows] == pytest.approx([1.0, 0.0])
+    assert float(wins_rows[0]["IoR Cross"]) == pytest.approx(hand_mean_se(CROSS[("erm", "ior", "erm")][0])[0])
     tex = (out / "table1-rotated_digits-mnist_cnn-erm.tex").read_text()
     assert r"63.00 $\pm$ 2.08" in tex and r"50\% Taylor (baseline)" in tex and r"\toprule" in tex
     md = (out / "table2-rotated_digits-mnist_cnn.md").read_text()

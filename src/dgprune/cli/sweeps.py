@@ -121,15 +121,22 @@ def status(
         return
     c = state.counts
     console.print(f"sweep {spec.name}: {state.total} runs ({spec.db_path})")
-    console.print(f"  done {c['done']}  running {c['running']}  failed {c['failed']}  pending {c['pending']}")
+    stale = f"  stale {c['stale']}" if c["stale"] else ""
+    console.print(
+        f"  done {c['done']}  running {c['running']}{stale}  failed {c['failed']}  pending {c['pending']}"
+    )
     now = time.time()
     for row in state.running:
         since = f", for {duration(now - row['started_at'])}" if row.get("started_at") else ""
-        console.print(f"  running {row['run_id']}: {describe_row(row)}{since}")
+        console.print(f"  running {row['run_id']}: {describe_row(row)}{since}", markup=False)
+    for row in state.stale:
+        console.print(f"  stale {row['run_id']}: {describe_row(row)}: {row['stale_reason']}", markup=False)
+    if state.stale:
+        console.print("  stale runs are taken back and run again by the next `dgprune sweep` of this file")
     for row in state.failed:
         text = row["error"] if errors else last_line(row["error"])
-        console.print(f"  failed {row['run_id']}: {describe_row(row)}: {text}")
-    remaining = c["pending"] + c["running"]
+        console.print(f"  failed {row['run_id']}: {describe_row(row)}: {text}", markup=False)
+    remaining = c["pending"] + c["running"] + c["stale"]
     if remaining == 0:
         console.print("  finished" if not c["failed"] else "  finished, with failures")
     elif state.eta_s is None:
@@ -171,8 +178,13 @@ def report(
     target = report_dir or (spec.directory / "report" if spec is not None else db_path.parent / "report")
     chosen = parse_formats(formats)
     result = write_report(inputs.records, target, inputs.widths, chosen, plots, inputs.configs)
+    failed = [
+        {"run_id": row["run_id"], "run": describe_row(row), "error": row["error"]} for row in inputs.failed
+    ]
     if as_json:
-        print_json({"report_dir": str(target), "runs": len(inputs.records), **result.to_dict()})
+        print_json(
+            {"report_dir": str(target), "runs": len(inputs.records), "failed": failed, **result.to_dict()}
+        )
         return
     for section in result.sections:
         print_table(section.table, section.title)
@@ -180,13 +192,23 @@ def report(
         console.print(result.wins.summary())
     if result.draw_selection.slots:
         console.print(f"hyper-parameter search: {result.draw_selection.summary()}")
-    console.print(f"wrote {len(result.files)} table file(s) and {len(result.plots)} plot(s) to {target}")
+    tables = len(result.files) - 1  # besides runs.csv
+    console.print(
+        f"wrote {tables} table file(s), {len(result.plots)} plot(s) and runs.csv (every run, one row each) "
+        f"to {target}"
+    )
+    if failed:  # in no table: say so, or a table of survivors passes for the whole sweep
+        console.print(f"{len(failed)} run(s) failed and are in no table (`dgprune status --errors`: why):")
+        for row in failed[:10]:
+            console.print(f"  failed {row['run_id']}: {row['run']}: {last_line(row['error'])}", markup=False)
+        if len(failed) > 10:
+            console.print(f"  and {len(failed) - 10} more")
 
 
 def status_dict(spec: Sweep, state: SweepStatus, now: float | None = None) -> dict[str, Any]:
     """`dgprune status --json`: what the status lines say, as data."""
     now = time.time() if now is None else now
-    remaining = state.counts["pending"] + state.counts["running"]
+    remaining = state.counts["pending"] + state.counts["running"] + state.counts["stale"]
     return {
         "sweep": spec.name,
         "database": str(spec.db_path),
@@ -202,6 +224,10 @@ def status_dict(spec: Sweep, state: SweepStatus, now: float | None = None) -> di
                 "running_s": now - row["started_at"] if row.get("started_at") else None,
             }
             for row in state.running
+        ],
+        "stale": [
+            {"run_id": row["run_id"], "run": describe_row(row), "reason": row["stale_reason"]}
+            for row in state.stale
         ],
         "failed": [
             {"run_id": row["run_id"], "run": describe_row(row), "error": row["error"]} for row in state.failed
@@ -263,13 +289,14 @@ class SweepProgress:
                     markup=False,
                     highlight=False,
                 )
-        if c["pending"] + c["running"] == 0:
+        if c["pending"] + c["running"] + c["stale"] == 0:
             eta = "finished"
         elif state.eta_s is None:
             eta = "ETA after the first run of each kind"
         else:
             eta = f"ETA {duration(state.eta_s)} at {state.parallel} worker(s)"
-        info = f"done {c['done']} | failed {c['failed']} | running {c['running']} | {eta}"
+        stale = f" | stale {c['stale']}" if c["stale"] else ""
+        info = f"done {c['done']} | failed {c['failed']} | running {c['running']}{stale} | {eta}"
         self.progress.update(self.task, total=state.total, completed=c["done"] + c["failed"], info=info)
         self.progress.refresh()
 

@@ -6,7 +6,7 @@ import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from dgprune.data.batches import DomainBatches, iterate_batches, probe_batch
+from dgprune.data.batches import DomainBatches, image_sample, iterate_batches, probe_batch
 from dgprune.data.digit_styles import load_colored_digits, load_styled_digits
 from dgprune.data.digits import load_rotated_digits
 from dgprune.data.domains import Domain, ImageStore, MultiDomainDataset
@@ -123,6 +123,7 @@ __all__ = [
     "dataset_kind",
     "dataset_name",
     "dataset_names",
+    "image_sample",
     "iterate_batches",
     "load_colored_digits",
     "load_colored_mnist",

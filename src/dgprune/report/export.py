@@ -13,8 +13,10 @@ from typing import Any
 
 from dgprune.errors import ConfigError
 from dgprune.experiments.records import ResultRecord
-from dgprune.pruning.criteria import criterion_label
+from dgprune.report.cells import Stat
+from dgprune.report.flat import RUNS_FILE, write_runs_csv
 from dgprune.report.paired import PairedComparison, paired_comparisons, paired_table
+from dgprune.report.per_source import per_source_table
 from dgprune.report.selection import DrawSelection, select_draws_by_validation
 from dgprune.report.table1 import Table, table1
 from dgprune.report.table2 import table2
@@ -51,12 +53,37 @@ def to_markdown(table: Table) -> str:
     return table.to_markdown() + "\n"
 
 
+def _csv_number(value: float) -> str:
+    return f"{value:.10g}" if math.isfinite(value) else ""
+
+
 def to_csv(table: Table) -> str:
-    """One header line, one line per row; cells as shown (e.g. "93.33 ± 0.41")."""
+    """One header line, one line per row. A table with numbers (``Table.values``) gives numbers: a
+    column of means ± standard errors becomes three, ``<column>`` (the mean), ``<column> se`` (empty
+    for one run) and ``<column> n`` (the runs averaged); other numbers as they are (percent where the
+    table shows a percentage), labels as shown. A table without them: the cells as shown."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(table.header)
-    writer.writerows(table.rows)
+    if table.values is None:
+        writer.writerow(table.header)
+        writer.writerows(table.rows)
+        return buffer.getvalue()
+    stat_columns = {j for row in table.values for j, v in enumerate(row) if isinstance(v, Stat)}
+    header = []
+    for j, name in enumerate(table.header):
+        header += [name, f"{name} se", f"{name} n"] if j in stat_columns else [name]
+    writer.writerow(header)
+    for shown, numbers in zip(table.rows, table.values, strict=True):
+        row: list[str | int] = []
+        for j, (text, value) in enumerate(zip(shown, numbers, strict=True)):
+            if j in stat_columns:
+                stat = value if isinstance(value, Stat) else None
+                row += ["", "", 0] if stat is None else [_csv_number(stat.mean), _csv_number(stat.se), stat.n]
+            elif value is None:
+                row.append(text)
+            else:
+                row.append(_csv_number(float(value)))
+        writer.writerow(row)
     return buffer.getvalue()
 
 
@@ -238,8 +265,21 @@ def _table2_groups(records: list[ResultRecord]) -> dict[tuple[str, str], list[Re
     return chosen
 
 
+def _per_source_groups(records: list[ResultRecord]) -> dict[tuple[str, str, str], list[ResultRecord]]:
+    """Per dataset × model × pretraining algorithm: every run (the records that name their source
+    domains' val splits, i.e. all of them)."""
+    groups: dict[tuple[str, str, str], list[ResultRecord]] = defaultdict(list)
+    for r in records:
+        if "val" in r.per_domain_split.values():
+            groups[(r.dataset, r.model, r.algorithm)].append(r)
+    return groups
+
+
+TRANSDUCTIVE_MARK = "[unlabeled target]"  # criterion_label's mark of a run that saw the target's images
+
+
 def _label(r: ResultRecord) -> str:
-    return criterion_label(r.criterion, r.criterion_params)
+    return r.label  # marked [unlabeled target] when the run saw the target's images
 
 
 def cell_key(r: ResultRecord) -> tuple:
@@ -298,15 +338,22 @@ def write_report(
     plots: bool = True,
     configs: dict[str, dict] | None = None,
 ) -> SweepReport:
-    """Table 1 and Table 2 layouts (mean ± standard error over seeds), IoR-vs-Taylor wins, plots.
+    """Table 1 and Table 2 layouts (mean ± standard error over seeds), per-source-domain tables,
+    IoR-vs-Taylor wins, plots, and every run as one row of numbers.
 
-    Writes ``out_dir/<table>.{md,csv,tex}``, ``out_dir/wins.*``, ``out_dir/report.md`` and PNGs.
-    Where runs differ only in their pretraining hyper-parameters (a ``hparams_seed`` search), each
-    slot's best draw by source validation accuracy is kept (``select_draws_by_validation``); other runs
-    that would share a cell are an error (``check_one_run_per_cell``).
+    Writes ``out_dir/<table>.{md,csv,tex}``, ``out_dir/wins.*``, ``out_dir/report.md``, PNGs and
+    ``out_dir/runs.csv`` (every run of ``records``, report.flat; written first, also when the tables
+    are refused). Where runs differ only in their pretraining hyper-parameters (a ``hparams_seed``
+    search), each slot's best draw by source validation accuracy is kept (``select_draws_by_validation``);
+    other runs that would share a cell are an error (``check_one_run_per_cell``).
     """
+    every_run = records
     records, selection = select_draws_by_validation(records, configs)
-    check_one_run_per_cell(records, configs)
+    runs_csv = write_runs_csv(out_dir / RUNS_FILE, every_run, {r.run_id for r in records})
+    try:
+        check_one_run_per_cell(records, configs)
+    except ConfigError as err:
+        raise ConfigError(f"{err}; every run is in {runs_csv} all the same") from None
     from dgprune.report.plots import plot_accuracy_vs_filters, plot_layer_widths  # matplotlib: lazy
 
     report = SweepReport(draw_selection=selection)
@@ -344,6 +391,14 @@ def write_report(
             f"top-1 accuracy (%), Δ = pruned − dense (points), mean ± standard error over {seeds} seed(s)"
         )
         report.sections.append(ReportSection(title, table2(group), _slug("table2", dataset, model)))
+    for (dataset, model, algorithm), group in sorted(_per_source_groups(records).items()):
+        seeds = len({r.seed for r in group})
+        title = (
+            f"Per source domain: {model} on {dataset}, {algorithm.upper()} pretraining — accuracy (%) on "
+            f"each source domain's val split, mean ± standard error over {seeds} seed(s)"
+        )
+        stem = _slug("per_source", dataset, model, algorithm)
+        report.sections.append(ReportSection(title, per_source_table(group), stem))
     report.wins = count_wins(records)
     cross = paired_comparisons(records, _label)
     report.paired = list(cross)
@@ -355,6 +410,11 @@ def write_report(
             "points, 95% CI, Wilcoxon signed-rank p (Holm-adjusted over the criteria of a row group); "
             "'better'/'worse' = the CI excludes 0"
         )
+        if any(TRANSDUCTIVE_MARK in c.challenger for c in cross):
+            title += (
+                f"; rows marked {TRANSDUCTIVE_MARK} saw the target's images (prune.target_access unlabeled), "
+                "their Taylor-FO baseline did not: a transductive method against a source-only one"
+            )
         report.sections.append(ReportSection(title, paired_table(cross, intra), "paired_vs_taylor"))
     for section in report.sections:
         report.files += write_table(section.table, out_dir / section.stem, formats, section.title)
@@ -362,5 +422,5 @@ def write_report(
         report.files += write_table(report.wins.table(), out_dir / "wins", formats, report.wins.summary())
     summary = out_dir / "report.md"
     summary.write_text(report.to_markdown())
-    report.files.append(summary)
+    report.files += [summary, runs_csv]
     return report

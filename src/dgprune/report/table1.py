@@ -9,15 +9,23 @@ from statistics import mean
 
 from dgprune.experiments.records import ResultRecord
 from dgprune.pruning.criteria import criterion_label
-from dgprune.report.cells import natural_key, pct_cell
+from dgprune.report.cells import Stat, natural_key, pct_stat, stat_text
 
 CRITERION_LABELS = {"taylor": "Taylor (baseline)", "ior": "IoR", "none": "before pruning"}
+
+
+# A cell's numbers, for the CSV: a Stat (mean, standard error, n), a plain number, or None (a label
+# column, or no value).
+CellValue = Stat | float | None
 
 
 @dataclass
 class Table:
     header: list[str]
-    rows: list[list[str]]
+    rows: list[list[str]]  # the cells as shown (Markdown, LaTeX, the console)
+    # The same cells as numbers, row by row (report.export.to_csv writes mean and standard error as
+    # separate numeric columns); None: the CSV holds the cells as shown.
+    values: list[list[CellValue]] | None = None
 
     def to_markdown(self) -> str:
         lines = ["| " + " | ".join(self.header) + " |", "|" + "---|" * len(self.header)]
@@ -28,7 +36,7 @@ class Table:
 def _row_key(record: ResultRecord) -> tuple[float, int, str, str]:
     order = {"none": 0, "taylor": 1, "ior": 2}
     # The label separates rows of one criterion with other parameters (a sweep over IoR's alpha).
-    label = criterion_label(record.criterion, record.criterion_params)
+    label = record.label  # also separates runs that saw the target's images (prune.target_access)
     return (-record.keep_ratio, order.get(record.criterion, 9), record.criterion, label)
 
 
@@ -40,26 +48,30 @@ def table1(records: list[ResultRecord]) -> Table:
         cells[_row_key(r)][r.target_domain].append(r)
     header = ["Model"] + [f"{t} {kind}" for t in targets for kind in ("Intra", "Cross")]
     header += ["filters kept", "params kept", "MACs kept"]
-    rows = []
+    rows, values = [], []
     for key in sorted(cells):
         by_target = cells[key]
         any_record = next(iter(by_target.values()))[0]
-        label = _label(any_record)
-        row = [label]
+        stats: list[Stat | None] = []
         for t in targets:
             rs = by_target.get(t, [])
-            row += [pct_cell([r.intra_acc for r in rs]), pct_cell([r.cross_acc for r in rs])]
+            stats += [pct_stat([r.intra_acc for r in rs]), pct_stat([r.cross_acc for r in rs])]
         all_rs = [r for rs in by_target.values() for r in rs]
-        row.append(f"{mean(r.filters_kept / r.filters_total for r in all_rs):.0%}")
-        row.append(f"{mean(r.params / r.params_dense for r in all_rs):.0%}")
-        row.append(f"{mean(r.macs / r.macs_dense for r in all_rs):.0%}")
-        rows.append(row)
-    return Table(header, rows)
+        kept = [
+            mean(r.filters_kept / r.filters_total for r in all_rs),
+            mean(r.params / r.params_dense for r in all_rs),
+            mean(r.macs / r.macs_dense for r in all_rs),
+        ]
+        rows.append([_label(any_record), *(stat_text(v) for v in stats), *(f"{k:.0%}" for k in kept)])
+        values.append([None, *stats, *(100 * k for k in kept)])  # percent, as shown
+    return Table(header, rows, values)
 
 
 def _label(record: ResultRecord) -> str:
     if record.criterion == "none":
         return "dense (before pruning)"
     display = CRITERION_LABELS.get(record.criterion, record.criterion)
-    name = criterion_label(record.criterion, record.criterion_params, display)  # defaults left implicit
+    name = criterion_label(  # defaults left implicit; [unlabeled target] when it saw the target's images
+        record.criterion, record.criterion_params, display, target_access=record.target_access
+    )
     return f"{record.keep_ratio:.0%} {name}"

@@ -12,9 +12,8 @@ from dataclasses import dataclass, field
 from statistics import mean
 
 from dgprune.experiments.records import ResultRecord
-from dgprune.pruning.criteria import criterion_label
-from dgprune.report.cells import natural_key, pct_cell
-from dgprune.report.table1 import Table
+from dgprune.report.cells import natural_key, pct_stat, stat_text
+from dgprune.report.table1 import CellValue, Table
 
 TIE_TOLERANCE = 1e-9
 
@@ -64,7 +63,9 @@ class WinCount:
         )
 
     def table(self) -> Table:
-        """Every comparison: both means ± standard error over seeds, the difference, the outcome."""
+        """Every comparison: both means ± standard error over seeds, the difference, the outcome; the
+        challenger's non-default parameters in a column of their own when any comparison has some."""
+        variants = [c.label.removeprefix(self.challenger).strip(" ()") for c in self.comparisons]
         header = [
             "Dataset",
             "Model",
@@ -76,22 +77,27 @@ class WinCount:
             "Δ (points)",
             "outcome",
         ]
-        rows = [
-            [
+        if any(variants):
+            header.insert(-1, f"{_name(self.challenger)} parameters")
+        rows, values = [], []
+        for c, variant in zip(self.comparisons, variants, strict=True):
+            labels = [
                 c.dataset,
                 c.model,
                 c.algorithm.upper()
                 + ("" if c.finetune_algorithm == "erm" else f" (ft {c.finetune_algorithm})"),
                 f"{c.keep_ratio:.0%}",
                 c.target,
-                pct_cell(c.baseline),
-                pct_cell(c.challenger) + c.label.removeprefix(self.challenger),  # " (alpha=2)" or ""
-                f"{100 * c.delta:+.2f}",
-                c.outcome,
             ]
-            for c in self.comparisons
-        ]
-        return Table(header, rows)
+            stats = [pct_stat(c.baseline), pct_stat(c.challenger)]
+            row = [*labels, *(stat_text(s) for s in stats), f"{100 * c.delta:+.2f}"]
+            row_values: list[CellValue] = [None] * len(labels) + [*stats, 100 * c.delta]
+            if any(variants):
+                row.append(variant or "defaults")
+                row_values.append(None)
+            rows.append([*row, c.outcome])
+            values.append([*row_values, None])
+        return Table(header, rows, values)
 
 
 def _name(criterion: str) -> str:
@@ -106,7 +112,7 @@ def count_wins(
         if r.criterion not in (challenger, baseline):
             continue
         key = (r.dataset, r.model, r.algorithm, r.finetune_algorithm or "erm", r.keep_ratio, r.target_domain)
-        groups[(*key, r.criterion, criterion_label(r.criterion, r.criterion_params))][r.seed] = r
+        groups[(*key, r.criterion, r.label)][r.seed] = r
     result = WinCount(metric, challenger, baseline)
     for key, challengers in groups.items():
         *base_key, criterion, label = key

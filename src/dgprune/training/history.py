@@ -4,9 +4,11 @@ Both are fed by the loops' progress events (one per step), so they cost the loop
 the numbers they already have. A record (one JSON object a line)::
 
     {"step": 12, "loss": 0.41, "risks": {"0": 0.39, ...}, "filters_alive": 314, "filters_total": 448,
-     "val_acc": 0.93, "variance_share": 0.02, "stats": {...}, "seconds": 3.2}
+     "val_acc": 0.93, "acc": {"0": {"train": 0.95, "val": 0.93}, ..., "75": {"target": 0.71, ...}},
+     "variance_share": 0.02, "stats": {...}, "seconds": 3.2}
 
 ``risks`` (per source domain) in the pruning stage; ``filters_*`` in the pruning stage; ``val_acc``
+(the selection metric) and ``acc`` (every domain's accuracy per split, training.evaluation.Evaluator)
 on evaluated steps; ``variance_share`` on steps that were scored; ``stats`` the pretraining
 algorithm's statistics besides the loss (e.g. IRM's penalty), when it has any; ``seconds`` since the
 stage started, counting the time before an interruption.
@@ -21,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +48,8 @@ def event_record(event: ProgressEvent) -> dict[str, Any]:
         record["variance_share"] = event.variance_share
     if event.stats:
         record["stats"] = dict(event.stats)
+    if event.domain_acc:
+        record["acc"] = {domain: dict(splits) for domain, splits in event.domain_acc.items()}
     return record
 
 
@@ -57,23 +62,66 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def read_history(path: Path) -> list[dict[str, Any]]:
-    """The records of a history file, up to its first incomplete line (a write cut by a kill)."""
-    records = []
+def _is_number(value: Any) -> bool:
+    return value is None or (isinstance(value, int | float) and not isinstance(value, bool))
+
+
+def _number_map(value: Any) -> bool:
+    return isinstance(value, dict) and all(_is_number(v) for v in value.values())
+
+
+# The checks of a record's keys (others are left alone: a newer dgprune may add some).
+_KEY_CHECKS: dict[str, tuple[Any, str]] = {
+    "loss": (_is_number, "a number"),
+    "val_acc": (_is_number, "a number"),
+    "variance_share": (_is_number, "a number"),
+    "seconds": (_is_number, "a number"),
+    "filters_alive": (lambda v: v is None or (type(v) is int), "a whole number"),
+    "filters_total": (lambda v: v is None or (type(v) is int), "a whole number"),
+    "risks": (_number_map, "a mapping of domain: number"),
+    "stats": (lambda v: isinstance(v, dict), "a mapping"),
+    "acc": (lambda v: isinstance(v, dict) and all(map(_number_map, v.values())), "domain: {split: number}"),
+}
+
+
+def record_problem(record: Any) -> str | None:
+    """What makes a parsed history line not a record of the format above, or None."""
+    if not isinstance(record, dict):
+        return f"not a JSON object but {type(record).__name__}"
+    if type(record.get("step")) is not int:
+        return f"step is {record.get('step')!r:.40}, not a whole number"
+    for key, (check, expected) in _KEY_CHECKS.items():
+        if key in record and not check(record[key]):
+            return f"{key} is {record[key]!r:.40}, not {expected}"
+    return None
+
+
+def read_history(path: Path, skip_bad: bool = False) -> list[dict[str, Any]]:
+    """The records of a history file, up to its first bad line (a write cut by a kill); with
+    ``skip_bad`` (for reading, not resuming) every bad line is skipped with a warning instead."""
+    records, skipped = [], []
     try:
         lines = path.read_text().splitlines()
     except FileNotFoundError:
         return []
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: unreadable ({err})") from None
-    for line in lines:
+    for number, line in enumerate(lines, 1):
         try:
             record = json.loads(line)
+            problem = record_problem(record)
         except json.JSONDecodeError:
+            problem = "not JSON (a write cut by a kill?)"
+        if problem is None:
+            records.append(record)
+        elif skip_bad:
+            skipped.append(f"line {number}: {problem}")
+        else:
             break
-        if not isinstance(record, dict) or "step" not in record:
-            break
-        records.append(record)
+    if skipped:  # one warning, however many lines
+        more = f"; and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+        shown = "; ".join(skipped[:3])
+        warnings.warn(f"{path}: skipped {len(skipped)} bad line(s): {shown}{more}", stacklevel=2)
     return records
 
 
@@ -120,13 +168,18 @@ def require_tensorboard():
 
 
 def tensorboard_scalars(event: ProgressEvent) -> dict[str, float]:
-    """The history record's numbers as TensorBoard tags (``<stage>/loss``, ``<stage>/risk/<domain>``...)."""
+    """The history record's numbers as TensorBoard tags (``<stage>/loss``, ``<stage>/risk/<domain>``,
+    ``<stage>/acc/<domain>/<split>``...)."""
     record = event_record(event)
     scalars: dict[str, float] = {}
     for key, value in record.items():
         if key in ("step", "filters_total"):
             continue
-        if isinstance(value, dict):
+        if key == "acc":  # acc/<domain>/<split>
+            scalars.update(
+                {f"acc/{d}/{split}": v for d, splits in value.items() for split, v in splits.items()}
+            )
+        elif isinstance(value, dict):
             prefix = "risk" if key == "risks" else key
             scalars.update({f"{prefix}/{name}": v for name, v in value.items()})
         else:

@@ -14,7 +14,7 @@ from dgprune.algorithms import make_algorithm
 from dgprune.data import DomainBatches, LodoSplit
 from dgprune.training.checkpoint import Checkpointer, rng_state, set_rng_state
 from dgprune.training.divergence import DivergenceGuard
-from dgprune.training.evaluation import intra_accuracy
+from dgprune.training.evaluation import Evaluator
 from dgprune.training.identity import Identity
 from dgprune.training.progress import ProgressCallback, ProgressEvent
 from dgprune.training.settings import PretrainSettings
@@ -60,6 +60,7 @@ def pretrain(
     history: list[dict[str, float]] = []
     checkpointer = Checkpointer(checkpoint_dir, checkpoint_every, checkpoint_identity)
     guard = DivergenceGuard("pretrain", settings.lr, checkpointer)
+    evaluator = Evaluator(split, device)
     start = 1
     if (saved := checkpointer.load()) is not None:
         model.load_state_dict(saved["model"])
@@ -74,10 +75,11 @@ def pretrain(
         minibatches = [(x.to(device), y.to(device)) for x, y in batches.next()]
         losses = algorithm.update(minibatches)
         guard.check_stats(step, losses)
-        val = None
+        val = acc = None
         if step % settings.eval_every == 0 or step == settings.steps:
             guard.check_weights(step, model)  # never select a diverged model
-            val = intra_accuracy(model, split, device)
+            acc = evaluator(model)
+            val = acc.intra  # selection: source val only; the other splits are only logged
             history.append({"step": step, "loss": losses["loss"], "val_acc": val})
             if val > best_val:
                 best_val, best_step = val, step
@@ -93,6 +95,7 @@ def pretrain(
                     val_acc=val,
                     elapsed_s=time.monotonic() - started,
                     stats=stats or None,
+                    domain_acc=acc.splits if acc is not None else None,
                 )
             )
         if checkpointer.due(step):

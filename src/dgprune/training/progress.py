@@ -31,6 +31,8 @@ class ProgressEvent:
     risks: dict[str, float] | None = None  # per source domain (pruning stage)
     variance_share: float | None = None  # of the pruning score, on the steps that were scored
     stats: dict[str, float] | None = None  # the algorithm's other statistics (pretraining: e.g. penalty)
+    # On evaluated steps: domain -> split -> accuracy (training.evaluation.Evaluator), never selected on.
+    domain_acc: dict[str, dict[str, float]] | None = None
 
 
 ProgressCallback = Callable[[ProgressEvent], None]
