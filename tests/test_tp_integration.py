@@ -28,6 +28,7 @@ from dgprune.pruning import (
     per_domain_forward_backward,
     remove_channels,
 )
+from dgprune.pruning.criteria import REGISTRY
 from dgprune.pruning.scoring import gate_gradients
 
 DOMAIN_SIZES = (2, 3, 4)  # unequal on purpose
@@ -142,9 +143,8 @@ def test_every_gradient_criterion_scores_as_dgprune():
     inputs = ScoreInputs(
         gates.flat_gates(), out.domain_grads, out.risks, val_domain_grads=val_grads, val_risks=val_risks
     )
-    names = [
-        n for n in CRITERIA if make_criterion(n).needs_gradients and not make_criterion(n).needs_loss_changes
-    ]
+    specs = {n: REGISTRY[n] for n in CRITERIA}  # specs: target_entropy cannot be made without its sign
+    names = [n for n, spec in specs.items() if spec.needs_gradients and not spec.needs_loss_changes]
     assert {"taylor", "ior"} <= set(names)
     for name in names:
         importance = DomainImportance(copy.deepcopy(model), example, name)
@@ -244,3 +244,73 @@ def test_docs_example_runs(capsys):
     dense = build_model("mnist_cnn", 10, in_channels=1)
     dense_macs, dense_params = tp.utils.count_ops_and_params(dense, torch.zeros(1, 1, 8, 8))
     assert macs < 0.5 * dense_macs and params < 0.6 * dense_params  # half the filters: ~1/4 of the MACs
+
+
+def test_update_says_what_it_expected_and_what_it_got():
+    """A wrong argument to update() is refused before any forward, naming what came; the errors are
+    ConfigErrors and also the built-in TypeError / ValueError."""
+    from dgprune.errors import ArgumentTypeError, ArgumentValueError
+
+    model, example, stream = _setup("mnist_cnn", 8, steps=1)
+    batches = stream[0]
+    (x, y), *_ = batches
+    ior = DomainImportance(model, example, "ior")
+    cases = [
+        (
+            (x, y),
+            ArgumentTypeError,
+            r"got one \(x, y\) pair of tensors; for a single domain pass \[\(x, y\)\]",
+        ),
+        (
+            x,
+            ArgumentTypeError,
+            r"expected a list of \(x, y\) mini-batches.*got a tensor of shape \(2, 2, 8, 8\)",
+        ),
+        (iter(batches), ArgumentTypeError, r"expected a list .*got a list_iterator"),
+        ([], ArgumentValueError, r"got an empty list"),
+        (
+            [(x, y, y)],
+            ArgumentTypeError,
+            r"batches\[0\]: expected an \(x, y\) pair of tensors, got a tuple of 3",
+        ),
+        ([(x, y.tolist())], ArgumentTypeError, r"batches\[0\]: y must be a tensor, got a list"),
+        ([(x, y[:1]), (x, y)], ArgumentValueError, r"batches\[0\]: x holds 2 inputs but y 1 labels"),
+        (
+            [(x, y), (x, y.float())],
+            ArgumentValueError,
+            r"batches\[1\]: y must be the \[B\] integer class labels",
+        ),
+        (
+            [(x[0], y)],
+            ArgumentValueError,
+            r"x must be a non-empty batch of 4-dimensional inputs \[B, \.\.\.\] as the example "
+            r"inputs, got shape \(2, 8, 8\)",
+        ),
+        ([(x, y)], ArgumentValueError, r"criterion 'ior' compares the source domains .* at least 2, got 1"),
+    ]
+    before = [p.clone() for p in model.parameters()]
+    for wrong, error, message in cases:
+        with pytest.raises(error, match=message) as caught:
+            ior.update(wrong)
+        assert isinstance(caught.value, ConfigError)
+        assert isinstance(caught.value, TypeError if error is ArgumentTypeError else ValueError)
+    assert all(p.grad is None for p in model.parameters())  # refused before any forward or backward
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    with (
+        pytest.raises(ArgumentValueError, match=r"num_domains >= 2 \(criterion 'ior' compares"),
+        ior.domains(1),
+    ):
+        pass
+
+    taylor = DomainImportance(model, example, "taylor")
+    taylor.update([(x, y)])  # one domain is enough for a criterion that does not compare them
+    assert taylor._count == 1
+    with pytest.raises(ConfigError, match="does not use val_batches"):
+        taylor.update(batches, val_batches=batches)
+    ior_val = DomainImportance(model, example, "ior_val")
+    with pytest.raises(
+        ArgumentValueError, match=r"one mini-batch per domain of batches.*got 2 for 3 domains"
+    ):
+        ior_val.update(batches, val_batches=batches[:2])
+    with pytest.raises(ConfigError, match="needs update\\(batches, val_batches"):
+        ior_val.update(batches)

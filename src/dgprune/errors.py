@@ -27,6 +27,16 @@ class ConfigError(DgpruneError):
     """An invalid setting: unknown name, value out of range, inconsistent options."""
 
 
+class ArgumentTypeError(ConfigError, TypeError):
+    """A library function was handed the wrong kind of argument (Python API): also a TypeError, so
+    code that catches the built-in error still does."""
+
+
+class ArgumentValueError(ConfigError, ValueError):
+    """A library function was handed an argument of the right kind but the wrong shape, size or count
+    (Python API): also a ValueError."""
+
+
 class DataError(DgpruneError):
     """A dataset cannot be found, read or split as asked."""
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table as RichTable
 
 from dgprune.experiments.records import ResultRecord, describe_run
@@ -18,16 +19,28 @@ from dgprune.report.table1 import Table
 console = Console() if sys.stdout.isatty() else Console(width=240)
 
 # Columns of names (left-aligned); every other column holds numbers (right-aligned).
-LABEL_COLUMNS = frozenset({"Model", "Pretrain", "signal"})
+LABEL_COLUMNS = frozenset({"Model", "Pretrain", "signal", "Target"})
 
 
 def print_table(table: Table, title: str) -> None:
-    rich_table = RichTable(title=title, box=box.SIMPLE_HEAVY)
+    """A table with box-drawing lines on a terminal; otherwise (a log, a pipe, CI) its title, then an
+    aligned Markdown table in plain ASCII that greps, diffs and pastes into a document."""
+    terminal = console.is_terminal
+    rich_table = RichTable(
+        title=title if terminal else None, box=box.SIMPLE_HEAVY if terminal else box.MARKDOWN
+    )
     for column in table.header:
         rich_table.add_column(column, justify="left" if column in LABEL_COLUMNS else "right")
     for row in table.rows:
-        rich_table.add_row(*row)
-    console.print(rich_table)
+        rich_table.add_row(*(escape(cell) for cell in row))  # cells are text: "[unlabeled target]" too
+    if terminal:
+        console.print(rich_table)
+        return
+    with console.capture() as captured:
+        console.print(rich_table)
+    # The Markdown box draws its top and bottom edges as lines of spaces: leave them out.
+    lines = [line.rstrip() for line in captured.get().splitlines() if line.strip()]
+    print("\n".join([title, *lines]))
 
 
 def print_plain(text: str) -> None:
@@ -48,9 +61,11 @@ def grid_title(records: Sequence[ResultRecord]) -> str:
 
 def describe_record(record: ResultRecord) -> str:
     """The line that ends `dgprune pretrain` / `prune`: the model's accuracy, size and directory."""
+    seen = "" if record.target_access == "none" else f" [{record.target_access} target]"
+    adabn = "" if record.cross_acc_adabn is None else f" (AdaBN {100 * record.cross_acc_adabn:.2f}%)"
     return (
-        f"target {record.target_domain}: intra {100 * record.intra_acc:.2f}%"
-        f"  cross {100 * record.cross_acc:.2f}%"
+        f"target {record.target_domain}{seen}: intra {100 * record.intra_acc:.2f}%"
+        f"  cross {100 * record.cross_acc:.2f}%{adabn}"
         f"  filters {record.filters_kept}/{record.filters_total}  params {record.params:,}"
         f"  MACs {record.macs:,}  -> {record.model_dir}"
     )
@@ -66,7 +81,15 @@ def describe_row(row: dict[str, Any]) -> str:
         criterion_params=row.get("criterion_params"),  # rows() fills it in, old databases too
         keep_ratio=row["keep_ratio"],
         finetune_algorithm=row.get("finetune_algorithm"),
+        target_access=_target_access(row),
     )
+
+
+def _target_access(row: dict[str, Any]) -> str:
+    """prune.target_access of a sweep's run, from its stored config (absent in older ones: none)."""
+    config = row.get("config")
+    prune = config.get("prune") if isinstance(config, dict) else None
+    return str(prune.get("target_access", "none")) if isinstance(prune, dict) else "none"
 
 
 def last_line(text: str | None) -> str:

@@ -34,7 +34,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from dgprune.errors import ConfigError, DivergenceError
+from dgprune.errors import ArgumentTypeError, ArgumentValueError, ConfigError, DivergenceError
 from dgprune.pruning.criteria import Criterion, ScoreInputs, make_criterion
 from dgprune.pruning.gates import GateSet
 from dgprune.pruning.groups import SCOPES, ChannelGroup, MemberChannels, find_channel_groups
@@ -104,9 +104,20 @@ class DomainImportance(tp.importance.Importance):
                 f"criterion {self.criterion.name!r} measures one forward per channel and cannot run as a "
                 "Torch-Pruning importance; use a gradient criterion such as 'taylor' or 'ior'"
             )
+        if getattr(self.criterion, "learner", None) is not None:
+            raise ConfigError(
+                f"criterion {self.criterion.name!r} trains parameters of its own before pruning and has no "
+                "per-step score to feed a Torch-Pruning importance; use a gradient criterion such as 'taylor'"
+            )
+        if getattr(self.criterion, "scored", "every_step") != "every_step":
+            raise ConfigError(
+                f"criterion {self.criterion.name!r} is scored once per pruning event from feature maps or "
+                "target images (docs/criteria.md), not from per-step gradients; use dgprune prune"
+            )
         self.model = model
         self.momentum = momentum
         self.bn_mode = bn_mode
+        self._input_dims = example_inputs.dim()  # what update() checks its inputs against
         all_groups = find_channel_groups(model, example_inputs, scope="all")
         self.groups = [g for g in all_groups if scope == "all" or not g.residual]
         if not self.groups:
@@ -148,19 +159,35 @@ class DomainImportance(tp.importance.Importance):
         them before and steps the optimizer after. Returns the step's loss, risks and accuracy counts.
         ``val_batches`` (one held-out source mini-batch per domain) is for criteria that need
         validation gradients (``ior_val``); it trains nothing.
+
+        Checked before anything runs: ``batches`` must be a list (or tuple) of ``(x, y)`` tensor pairs,
+        ``x`` of shape [B, ...] and ``y`` the [B] integer labels, on the model's device, with at least
+        ``criterion.min_domains`` domains (2 for a criterion that compares them). Otherwise
+        ``ArgumentTypeError`` (a TypeError) or ``ArgumentValueError`` (a ValueError), both ConfigError,
+        saying what was expected and what came.
         """
-        batches = list(batches)
-        if not batches:
-            raise ConfigError(
-                "DomainImportance.update needs one (x, y) mini-batch per source domain, got none"
+        batches = _checked_batches(batches, "batches", self._device(), self._input_dims)
+        minimum = self.criterion.min_domains
+        if len(batches) < minimum:
+            raise ArgumentValueError(
+                f"DomainImportance.update: criterion {self.criterion.name!r} compares the source domains "
+                f"and needs a mini-batch of each of at least {minimum}, got {len(batches)} (one domain "
+                "has nothing to compare with: use criterion='taylor')"
             )
-        if self.criterion.needs_val_gradients and not val_batches:
+        if val_batches is not None:
+            if not self.criterion.needs_val_gradients:
+                raise ConfigError(f"criterion {self.criterion.name!r} does not use val_batches; drop them")
+            val_batches = _checked_batches(val_batches, "val_batches", self._device(), self._input_dims)
+            if len(val_batches) != len(batches):
+                raise ArgumentValueError(
+                    f"DomainImportance.update: val_batches must hold one mini-batch per domain of "
+                    f"batches, in the same order: got {len(val_batches)} for {len(batches)} domains"
+                )
+        elif self.criterion.needs_val_gradients:
             raise ConfigError(
                 f"criterion {self.criterion.name!r} needs update(batches, val_batches=[...]) with one "
                 "held-out source-validation mini-batch per domain"
             )
-        if val_batches and not self.criterion.needs_val_gradients:
-            raise ConfigError(f"criterion {self.criterion.name!r} does not use val_batches; drop them")
         gates = self._gates()
         gates.attach()
         val = None
@@ -188,8 +215,17 @@ class DomainImportance(tp.importance.Importance):
                 importance.observe(risks)
             torch.stack(risks).mean().backward()
         """
-        if num_domains < 1:
-            raise ConfigError(f"DomainImportance.domains needs num_domains >= 1, got {num_domains}")
+        minimum = self.criterion.min_domains
+        if isinstance(num_domains, bool) or not isinstance(num_domains, int):
+            raise ArgumentTypeError(
+                f"DomainImportance.domains: num_domains must be an int, got {num_domains!r}"
+            )
+        if num_domains < minimum:
+            raise ArgumentValueError(
+                f"DomainImportance.domains needs num_domains >= {minimum}"
+                + (f" (criterion {self.criterion.name!r} compares the domains)" if minimum > 1 else "")
+                + f", got {num_domains}"
+            )
         gates = self._gates()
         gates.attach()
         gates.begin_scoring(num_domains)
@@ -320,6 +356,11 @@ class DomainImportance(tp.importance.Importance):
         self._count += 1
 
     # ---- channel bookkeeping across physical pruning ------------------------------------------
+    def _device(self) -> torch.device | None:
+        """Where the model's parameters are (None for a model without any)."""
+        parameter = next(self.model.parameters(), None)
+        return None if parameter is None else parameter.device
+
     def _gates(self) -> GateSet:
         if self._open is not None:
             raise ConfigError("a `with importance.domains(N)` block is still open")
@@ -381,6 +422,60 @@ class DomainImportance(tp.importance.Importance):
             current_positions.append(torch.tensor(alive, dtype=torch.long) + offset)
         self._current_groups = current_groups
         self._current_positions = torch.cat(current_positions)
+
+
+def _checked_batches(batches: Any, name: str, device: torch.device | None, input_dims: int) -> list[Batch]:
+    """``batches`` as a list of per-domain ``(x, y)`` pairs, or an error saying what was expected and
+    what came: a wrong one would otherwise fail deep inside the forward, or worse, be unpacked along
+    its batch axis and scored as if it were several domains."""
+    where = f"DomainImportance.update: {name}"
+    expected = "a list of (x, y) mini-batches, one per source domain"
+    if isinstance(batches, torch.Tensor | str | bytes | Mapping) or not isinstance(batches, Sequence):
+        raise ArgumentTypeError(f"{where}: expected {expected}, got {_describe(batches)}")
+    if len(batches) == 2 and all(isinstance(b, torch.Tensor) for b in batches):
+        raise ArgumentTypeError(
+            f"{where}: expected {expected}, got one (x, y) pair of tensors; for a single domain pass [(x, y)]"
+        )
+    if not batches:
+        raise ArgumentValueError(f"{where}: expected {expected}, got an empty {type(batches).__name__}")
+    checked: list[Batch] = []
+    for index, batch in enumerate(batches):
+        at = f"{where}[{index}]"
+        if not isinstance(batch, Sequence) or isinstance(batch, str | bytes) or len(batch) != 2:
+            raise ArgumentTypeError(f"{at}: expected an (x, y) pair of tensors, got {_describe(batch)}")
+        x, y = batch
+        for label, value in (("x", x), ("y", y)):
+            if not isinstance(value, torch.Tensor):
+                raise ArgumentTypeError(f"{at}: {label} must be a tensor, got {_describe(value)}")
+        if x.dim() != input_dims or x.shape[0] == 0:
+            raise ArgumentValueError(
+                f"{at}: x must be a non-empty batch of {input_dims}-dimensional inputs [B, ...] as the "
+                f"example inputs, got shape {tuple(x.shape)}"
+            )
+        if y.dim() != 1 or y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+            raise ArgumentValueError(
+                f"{at}: y must be the [B] integer class labels, got a {y.dtype} tensor of shape "
+                f"{tuple(y.shape)}"
+            )
+        if y.shape[0] != x.shape[0]:
+            raise ArgumentValueError(
+                f"{at}: x holds {x.shape[0]} inputs but y {y.shape[0]} labels; they must match"
+            )
+        if device is not None and (x.device != device or y.device != device):
+            raise ArgumentValueError(
+                f"{at}: x is on {x.device} and y on {y.device}, the model on {device}; move them there"
+            )
+        checked.append((x, y))
+    return checked
+
+
+def _describe(value: Any) -> str:
+    """What a wrong argument is, in a few words (a tensor by its shape, a container by its length)."""
+    if isinstance(value, torch.Tensor):
+        return f"a tensor of shape {tuple(value.shape)}"
+    if isinstance(value, Sequence | Mapping) and not isinstance(value, str | bytes):
+        return f"a {type(value).__name__} of {len(value)} item(s)"
+    return f"a {type(value).__name__}"
 
 
 def _is_out_channels(graph: tp.DependencyGraph | None, handler: Any, module: nn.Module) -> bool:

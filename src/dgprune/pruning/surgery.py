@@ -8,6 +8,7 @@ model, replays the same removals and loads the tensors: no pickled code is ever 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,8 @@ from dgprune.pruning.measure import ModelCost, model_cost  # noqa: F401  (their 
 
 STRUCTURE_FILE = "structure.json"
 WEIGHTS_FILE = "model.safetensors"
+
+PathLike = str | os.PathLike[str]  # a model directory: a str path or a Path
 
 
 def remove_channels(model: nn.Module, pruned: dict[str, list[int]], example_input: torch.Tensor) -> nn.Module:
@@ -69,7 +72,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 
 
 def save_compressed(
-    directory: Path,
+    directory: PathLike,
     model: nn.Module,
     pruned: dict[str, list[int]],
     build_spec: dict[str, Any],
@@ -79,9 +82,14 @@ def save_compressed(
 
     ``input_shape`` (C, H, W) lets the model be traced again without its dataset.
     """
+    directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(directory / WEIGHTS_FILE))
+    weights_path = directory / WEIGHTS_FILE
+    save_file(state, str(weights_path))
+    # safetensors writes through a private temporary file (mode 0600) renamed into place: give the
+    # weights the mode of any new file, as their sibling files get, so that they can be shared alike.
+    os.chmod(weights_path, _new_file_mode())
     structure = {
         "format": "dgprune.compressed/1",
         "build": build_spec,
@@ -102,13 +110,15 @@ _REQUIRED_BUILD_KEYS = ("name", "num_classes", "in_channels")
 
 
 def load_compressed(
-    directory: Path, build_model: Callable[..., nn.Module], example_input: torch.Tensor | None = None
+    directory: PathLike, build_model: Callable[..., nn.Module], example_input: torch.Tensor | None = None
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a model written by :func:`save_compressed`; returns it and its structure description.
+    """Rebuild a model written by :func:`save_compressed` (``directory``: a str or a Path); returns it,
+    in training mode on the CPU, and its structure description.
 
     A damaged directory (missing or truncated files, a structure.json that does not describe this
     model, weights of other shapes) raises WeightsError naming the file and the problem.
     """
+    directory = Path(directory)
     structure_path = directory / STRUCTURE_FILE
     structure = _read_structure_file(structure_path)
     if example_input is None:
@@ -177,14 +187,21 @@ def _read_structure_file(path: Path) -> dict[str, Any]:
     return structure
 
 
-def saved_input_shape(directory: Path) -> tuple[int, ...]:
+def saved_input_shape(directory: PathLike) -> tuple[int, ...]:
     """The (C, H, W) input recorded in a model directory's structure.json: what traces the model
     without its dataset (ONNX export)."""
-    path = directory / STRUCTURE_FILE
+    path = Path(directory) / STRUCTURE_FILE
     shape = _read_structure_file(path).get("input_shape")
     if not shape:
         raise WeightsError(f"{path}: no input_shape recorded: cannot trace the model")
     return tuple(shape)
+
+
+def _new_file_mode() -> int:
+    """The mode a newly created file gets here: 0o666 less the process umask."""
+    mask = os.umask(0o077)  # reading the umask sets it: set a strict one for that instant
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def _check_pruned_channels(path: Path, model: nn.Module, pruned: dict[str, list[int]]) -> None:
@@ -250,6 +267,7 @@ def export_onnx(model: nn.Module, path: Path, example_input: torch.Tensor) -> Pa
         dynamic_shapes=({0: torch.export.Dim("batch")},),
         dynamo=True,
         external_data=False,
+        verbose=False,  # not its eight "[torch.onnx] ..." progress lines; failures still raise
     )
     model.train(was_training)
     return path
