@@ -24,6 +24,13 @@ are multiples of 8 run faster (docs/benchmarks.md). Two rules choose the widths 
 
 Either way each group keeps its highest-scored channels. When the floors of q stop the pruning
 above the target (a very small keep ratio), that step is the last.
+
+The global ranking can take a few groups almost to one channel while others stay whole (on
+ResNet-18, the wide ``layer4`` convolutions; docs/method.md). ``max_layer_prune = s`` (None: no
+limit, as the paper) caps every group's pruned share: a group of n channels keeps at least
+n - floor(s n) of them, in every step and in both rounding rules (with ``round_to`` that floor is
+raised to a multiple of q; a group with no multiple of q between it and n is kept whole). A target
+that the limit makes unreachable is a ConfigError when the schedule is made, before any training.
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ import math
 from typing import Any, Literal
 
 import torch
+
+from dgprune.errors import ConfigError
 
 RoundMode = Literal["budget", "per_layer"]
 ROUND_MODES: tuple[str, ...] = ("budget", "per_layer")
@@ -44,6 +53,23 @@ def target_channels(total: int, keep_ratio: float, num_groups: int) -> int:
     return max(round(keep_ratio * total), num_groups)
 
 
+def group_floors(
+    group_sizes: list[int], round_to: int = 1, max_layer_prune: float | None = None
+) -> list[int]:
+    """Fewest channels each group may keep: 1 (a group is never emptied); with ``round_to = q > 1`` q,
+    or the group's size if it is narrower; with ``max_layer_prune = s`` at least n - floor(s n), raised
+    to a multiple of q when rounding (the group's size when no such multiple fits: kept whole)."""
+    floors = []
+    for n in group_sizes:
+        # 1e-9: s n computed in floating point must not fall just below an integer (0.29 * 100)
+        least = 1 if max_layer_prune is None else max(1, n - math.floor(max_layer_prune * n + 1e-9))
+        if round_to > 1:
+            least = round_to * math.ceil(max(least, round_to) / round_to)
+            least = least if least <= n else n
+        floors.append(least)
+    return floors
+
+
 class PruningSchedule:
     def __init__(
         self,
@@ -54,11 +80,14 @@ class PruningSchedule:
         momentum: float = 0.9,
         round_to: int = 1,
         round_mode: RoundMode = "budget",
+        max_layer_prune: float | None = None,
     ) -> None:
         if interval < 1 or max_per_step < 1 or round_to < 1 or not 0.0 <= momentum < 1.0:
             raise ValueError("interval, max_per_step and round_to must be >= 1 and momentum in [0, 1)")
         if round_mode not in ROUND_MODES:
             raise ValueError(f"round_mode must be one of {', '.join(ROUND_MODES)}, got {round_mode!r}")
+        if max_layer_prune is not None and not 0.0 < max_layer_prune <= 1.0:
+            raise ValueError(f"max_layer_prune must be in (0, 1] or None, got {max_layer_prune}")
         self.group_sizes = list(group_sizes)
         self.group_of = torch.cat(
             [torch.full((n,), i, dtype=torch.long) for i, n in enumerate(self.group_sizes)]
@@ -70,9 +99,12 @@ class PruningSchedule:
         self.momentum = momentum
         self.round_to = round_to
         self.round_mode = round_mode
+        self.max_layer_prune = max_layer_prune
         self.finished = False  # set by the last step (with rounding the count may end above target)
-        # Fewest channels a group may keep: 1, or with rounding q (its size if narrower).
-        self._floor = [min(round_to, n) if round_to > 1 else 1 for n in self.group_sizes]
+        # Fewest channels a group may keep: 1, or with rounding q (its size if narrower), or more
+        # under max_layer_prune.
+        self._floor = group_floors(self.group_sizes, round_to, max_layer_prune)
+        self._check_limit_reachable(keep_ratio)
         self.alive = torch.ones(self.total, dtype=torch.bool)
         self.ema: torch.Tensor | None = None
         self._sum = torch.zeros(self.total, dtype=torch.float64)
@@ -86,6 +118,41 @@ class PruningSchedule:
     def done(self) -> bool:
         return self.finished or self.num_alive <= self.target
 
+    @property
+    def fewest_reachable(self) -> int:
+        """The fewest channels pruning can leave: every group at its floor (1, or ``round_to``)."""
+        return sum(self._floor)
+
+    def _check_limit_reachable(self, keep_ratio: float) -> None:
+        """ConfigError when ``max_layer_prune`` keeps more channels than the target (and than the floors
+        of ``round_to`` alone would), naming the least limit and the least keep ratio that work."""
+        if self.max_layer_prune is None:
+            return
+        without_limit = sum(group_floors(self.group_sizes, self.round_to))
+        allowed = max(self.target, without_limit)
+        fewest = sum(self._floor)
+        if fewest <= allowed:
+            return
+
+        def reachable(share: float) -> bool:
+            return sum(group_floors(self.group_sizes, self.round_to, share)) <= allowed
+
+        # The floors only fall as the share grows, and change only at shares k/n: bisect those.
+        shares = sorted({k / n for n in set(self.group_sizes) for k in range(1, n + 1)})
+        low, high = 0, len(shares) - 1  # share 1 is reachable: its floors are those without a limit
+        while low < high:
+            middle = (low + high) // 2
+            low, high = (low, middle) if reachable(shares[middle]) else (middle + 1, high)
+        least_share = math.ceil(shares[low] * 100 - 1e-9) / 100
+        least_keep = math.ceil(fewest / self.total * 100 - 1e-9) / 100
+        rounding = f" (widths multiples of round_to {self.round_to})" if self.round_to > 1 else ""
+        raise ConfigError(
+            f"prune.max_layer_prune {self.max_layer_prune:g}: no layer loses more than "
+            f"{100 * self.max_layer_prune:g}% of its channels{rounding}, so at least {fewest} "
+            f"of {self.total} filters remain, more than the {self.target} that keep_ratio {keep_ratio:g} "
+            f"asks for; use max_layer_prune {least_share:g} or more, or keep_ratio {least_keep:g} or more"
+        )
+
     def steps_to_target(self) -> int:
         """Mini-batches needed from now until the target is reached."""
         if self.done:
@@ -97,6 +164,23 @@ class PruningSchedule:
         """Add one mini-batch's scores (flat [M])."""
         self._sum += scores.detach().to("cpu", torch.float64)
         self._batches += 1
+
+    @property
+    def event_due(self) -> bool:
+        """Whether the next observation completes an interval, so that ``step()`` then prunes."""
+        return not self.done and self._batches + 1 >= self.interval
+
+    def observe_event(self, scores: torch.Tensor | None) -> None:
+        """For a criterion scored once per pruning event (``CriterionSpec.scored``): count a mini-batch
+        (``scores`` None), and at the event (``event_due``) take ``scores`` as that event's ranking alone,
+        with no mean over the interval and no moving average across events (they are measured afresh
+        on several batches at each event)."""
+        if scores is None:
+            self._batches += 1
+            return
+        self._sum = scores.detach().to("cpu", torch.float64).clone()
+        self._batches = self.interval
+        self.ema = None
 
     def step(self) -> torch.Tensor | None:
         """Call after each mini-batch. Returns the flat positions to prune now, or None."""
@@ -121,6 +205,17 @@ class PruningSchedule:
                 self.finished = True
         self.alive[chosen] = False
         return chosen
+
+    def prune_at_once(self, scores: torch.Tensor) -> torch.Tensor:
+        """All the pruning in one step, ranked by ``scores`` (flat [M]; learned masks,
+        pruning/learned_masks.py): the last step of the schedule with no limit on how many channels
+        it removes, so the same target, floors and ``round_to`` rule. Returns the pruned positions."""
+        self.max_per_step = max(self.max_per_step, self.num_alive)  # no cap: the target in one step
+        self.interval, self.ema, self._batches = 1, None, 0
+        self._sum.zero_()
+        self.observe(scores)
+        chosen = self.step()
+        return chosen if chosen is not None else torch.zeros(0, dtype=torch.long)
 
     def _budget_step(self, scores: torch.Tensor) -> torch.Tensor:
         """A step of the budget rule. The steps before the last stop ``round_to`` channels per group
@@ -149,6 +244,7 @@ class PruningSchedule:
             width = int((after[alive_now]).sum())
             if len(alive_now) >= q:
                 width = min(max(q * math.floor(width / q + 0.5), q), q * (len(alive_now) // q))
+                width = max(width, self._floor[group])  # max_layer_prune (a group kept whole)
             ranked = alive_now[torch.argsort(scores[alive_now], descending=True, stable=True)]
             pruned.append(ranked[width:])
         return torch.cat(pruned).sort().values
@@ -164,11 +260,11 @@ class PruningSchedule:
             alive_now = torch.nonzero(self.alive & (self.group_of == group)).flatten()
             ranked = alive_now[torch.argsort(scores[alive_now], descending=True, stable=True)]
             ranked_per_group.append(ranked)
-            if len(ranked) <= q:  # narrower than q (never pruned), or exactly one block: kept whole
-                widths.append(len(ranked))
-                continue
-            widths.append(q)
-            sums = scores[ranked[q : q * (len(ranked) // q)]].reshape(-1, q).sum(dim=1)
+            # From the group's floor: q, all of it (narrower than q, or down to one block already),
+            # or what max_layer_prune keeps (a multiple of q, or the whole group)
+            floor = min(self._floor[group], len(ranked))
+            widths.append(floor)
+            sums = scores[ranked[floor : q * (len(ranked) // q)]].reshape(-1, q).sum(dim=1)
             blocks += [(float(total), group, index) for index, total in enumerate(sums.tolist())]
         fixed = sum(widths)
         wanted = max(math.floor((self.target - fixed) / q + 0.5), 0)
