@@ -339,6 +339,12 @@ def test_mixed_batchnorm_pruning_runs_on_resnet():
 def test_every_criterion_has_validated_defaults():
     for name in CRITERIA:
         defaults = criterion_param_defaults(name)
+        if name == "target_entropy":  # its sign has no default: it must be given (docs/criteria.md)
+            with pytest.raises(ConfigError, match="target_entropy: sign must be given"):
+                validate_criterion_params(name, None)
+            defaults = validate_criterion_params(name, {"sign": 1})
+            assert criterion_label(name, defaults) == "target_entropy (sign=1)"
+            continue
         assert validate_criterion_params(name, None) == defaults
         assert criterion_label(name, defaults) == name  # defaults are not shown
     assert criterion_label("ior", {"alpha": 2.0, "alpha_mode": "fixed", "share": 1.0}) == "ior (alpha=2)"

@@ -150,3 +150,14 @@ def probe_batch(domains: Sequence[Domain], per_domain: int = 64) -> torch.Tensor
     """The first `per_domain` model-ready samples of each domain, concatenated (evaluation transform):
     a fixed batch for checks such as masked-vs-compressed outputs."""
     return torch.cat([d.eval_batch(torch.arange(min(per_domain, len(d)))) for d in domains])
+
+
+def image_sample(domain: Domain, count: int, seed: int) -> torch.Tensor:
+    """Model-ready images (evaluation transform) of a seeded sample of ``count`` of the domain's samples
+    (all of them when it has fewer), in index order. Reads the images only, never the labels: what a
+    criterion may be given of an unlabeled target (``prune.target_access: unlabeled``)."""
+    if count < 1:
+        raise ConfigError(f"count must be >= 1, got {count}")
+    generator = _seeded("image-sample", seed, domain.name)
+    indices = torch.randperm(len(domain.images), generator=generator)[:count].sort().values
+    return domain.eval_batch(indices)

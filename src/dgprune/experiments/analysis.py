@@ -28,11 +28,13 @@ from dgprune.errors import ConfigError
 from dgprune.experiments.config import RunConfig
 from dgprune.experiments.pipeline import METRICS_FILE, make_context
 from dgprune.experiments.records import write_json_atomic
+from dgprune.pruning.criteria import REGISTRY
 from dgprune.pruning.gates import GateSet
 from dgprune.pruning.groups import find_channel_groups
 from dgprune.pruning.ood_importance import (
     TARGET_NOTE,
     OodImportance,
+    criterion_variants,
     measure_ood_importance,
     sample_positions,
 )
@@ -132,6 +134,8 @@ def analyze_model(
             val_batches=val,
             seed=seed,
             bn_mode=getattr(config.prune, "bn_mode", "per_domain"),
+            keep_ratio=config.prune.keep_ratio,  # what learned_masks' logits are trained towards
+            variants=_variants(config),
         )
     finally:
         gates.detach()
@@ -146,6 +150,18 @@ def analyze_model(
         wall_time_s=time.monotonic() - started,
         warnings=warnings,
     )
+
+
+def _variants(config: RunConfig) -> list[tuple[str, dict[str, Any] | None]]:
+    """Every criterion's row (ood_importance.criterion_variants); a criterion that trains parameters of
+    its own (learned_masks) takes the config's ``prune.criterion_params`` when the config names it, so
+    that its training steps can be chosen (``--set prune.criterion_params.mask_steps=...``)."""
+    chosen = config.prune.criterion
+    own = chosen in REGISTRY and REGISTRY[chosen].learner is not None
+    return [
+        (name, dict(config.prune.criterion_params) if own and name == chosen and params is None else params)
+        for name, params in criterion_variants()
+    ]
 
 
 def _target_warnings(model_dir: Path, config: RunConfig) -> list[str]:
@@ -217,5 +233,7 @@ def summary_lines(report: AnalysisReport) -> list[str]:
         "ρ: Spearman rank correlation of each source-only signal with the target oracle (signed rise of "
         "the target risk when the channel is removed), its square, and the source oracle of Eq. 1; "
         "overlap@p: share of the p lowest-scored channels that are among the target oracle's p lowest.",
+        "Rows marked [unlabeled target] (dss, target_entropy) read the target's images, never its labels: "
+        "they are transductive signals, not source-only ones.",
         *(f"warning: {w}" for w in report.warnings),
     ]

@@ -186,6 +186,8 @@ def variant_name(config: RunConfig) -> str:
     ``taylor-keep0.5-ft-coral`` (fine-tuned with CORAL's objective)."""
     prune = config.prune
     name = f"{prune.criterion}-keep{prune.keep_ratio:g}"
+    if prune.target_access != "none":  # it saw the target's images: never shown as a source-only run
+        name += f"-{prune.target_access}-target"
     return name if prune.finetune_algorithm == "erm" else f"{name}-ft-{prune.finetune_algorithm}"
 
 

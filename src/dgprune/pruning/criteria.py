@@ -31,6 +31,13 @@ predicted *fall* of R_i when g_m goes 1 -> 0 is ``c_{i,m}``) and ``s_{i,m} = c_{
 - ``random``, ``l1`` (filter weight L1 norm), ``bn_scale`` (|gamma| of the normalisation): baselines.
 - ``oracle`` (paper Eq. 1): the squared real change of the mean source risk when the channel is
   removed (measured by ``pruning.oracle.loss_changes``; one forward per channel: small models only).
+- ``learned_masks`` (``learned_masks.py``): a mask logit per channel trained on the sources (hard-concrete
+  relaxation, weights frozen) before pruning; the top logits are kept, in one pruning step.
+- ``dss``, ``dss_sources`` (``dss.py``): cosine similarity of each channel's mean feature map over the
+  sources and over the target's images (``dss``, needs ``prune.target_access: unlabeled``) or of each
+  source against the other sources (``dss_sources``); scored once per pruning event, in eval mode.
+- ``target_entropy`` (``target_entropy.py``): ``sign * (-g_m dH/dg_m)``, the first-order change of the
+  target images' mean prediction entropy when the channel goes; ``sign`` required; per pruning event.
 
 Each criterion is declared once, by its ``CriterionSpec`` (``criterion_spec.py``) in ``_SPECS``, from
 which the ``REGISTRY`` is built: its score function, its parameters (a pydantic model: names, defaults,
@@ -49,10 +56,13 @@ import torch
 from pydantic import Field, ValidationError, model_validator
 
 from dgprune.errors import ConfigError
+from dgprune.pruning import dss, learned_masks, target_entropy
 from dgprune.pruning.criterion_spec import (
     CriterionParams,
     CriterionSpec,
+    LearnerContext,
     NoParams,
+    ParameterLearner,
     ScoreInputs,
     contributions,
     plain,
@@ -66,7 +76,9 @@ __all__ = [  # the criterion API of criterion_spec.py is re-exported: import it 
     "Criterion",
     "CriterionParams",
     "CriterionSpec",
+    "LearnerContext",
     "NoParams",
+    "ParameterLearner",
     "ScoreInputs",
     "contributions",
     "criterion_label",
@@ -239,7 +251,9 @@ def _taylor_disagreement(inputs: ScoreInputs, params: BetaParams) -> torch.Tenso
 
 _SPECS = (
     CriterionSpec("taylor", plain(taylor_scores), needs_gradients=True),
-    CriterionSpec("ior", _ior, IoRParams, needs_gradients=True, variance_share=_ior_share(val=False)),
+    CriterionSpec(
+        "ior", _ior, IoRParams, needs_gradients=True, min_domains=2, variance_share=_ior_share(val=False)
+    ),
     # random's score needs a seeded generator: make_criterion binds it
     CriterionSpec("random", plain(lambda inputs: inputs.gates), random=True),
     CriterionSpec("l1", plain(l1_scores), needs_weights=True),
@@ -251,16 +265,25 @@ _SPECS = (
         IoRParams,
         needs_gradients=True,
         needs_val_gradients=True,
+        min_domains=2,
         variance_share=_ior_share(val=True),
     ),
-    CriterionSpec("disagreement", plain(disagreement_scores), needs_gradients=True),
-    CriterionSpec("taylor_disagreement", _taylor_disagreement, BetaParams, needs_gradients=True),
-    CriterionSpec("worst_domain", plain(worst_domain_scores), needs_gradients=True),
-    CriterionSpec("min_domain", plain(min_domain_scores), needs_gradients=True),
-    CriterionSpec("consistency", plain(consistency_scores), needs_gradients=True),
+    CriterionSpec("disagreement", plain(disagreement_scores), needs_gradients=True, min_domains=2),
+    CriterionSpec(
+        "taylor_disagreement", _taylor_disagreement, BetaParams, needs_gradients=True, min_domains=2
+    ),
+    CriterionSpec("worst_domain", plain(worst_domain_scores), needs_gradients=True, min_domains=2),
+    CriterionSpec("min_domain", plain(min_domain_scores), needs_gradients=True, min_domains=2),
+    CriterionSpec("consistency", plain(consistency_scores), needs_gradients=True, min_domains=2),
     CriterionSpec("signed_taylor", plain(signed_taylor_scores), needs_gradients=True),
-    CriterionSpec("signed_worst_domain", plain(signed_worst_domain_scores), needs_gradients=True),
-    CriterionSpec("signed_ior", _signed_ior, AlphaParams, needs_gradients=True),
+    CriterionSpec(
+        "signed_worst_domain", plain(signed_worst_domain_scores), needs_gradients=True, min_domains=2
+    ),
+    CriterionSpec("signed_ior", _signed_ior, AlphaParams, needs_gradients=True, min_domains=2),
+    learned_masks.SPEC,
+    dss.DSS,
+    dss.DSS_SOURCES,
+    target_entropy.SPEC,
 )
 # The criterion registry. A registered spec is accepted everywhere a criterion is named: prune.criterion
 # in configs and sweeps, --criterion, the Torch-Pruning integration and `dgprune analyze`.
@@ -280,9 +303,18 @@ class Criterion:
     needs_weights: bool = False
     needs_loss_changes: bool = False  # the oracle: one extra forward per alive channel
     needs_val_gradients: bool = False  # a source-validation batch per domain, forward + gate gradients
+    min_domains: int = 1  # CriterionSpec.min_domains: 2 when the score compares the source domains
     generator: torch.Generator | None = None  # random draws (checkpointed so that resume is exact)
     params: Mapping[str, Any] = field(default_factory=dict)  # validated, defaults filled in
     variance_share: Callable[[ScoreInputs], float] | None = None
+    # Trainable parameters of its own (CriterionSpec.learner), bound to the parameters.
+    learner: Callable[[LearnerContext], ParameterLearner] | None = None
+    needs: frozenset[str] = frozenset()  # CriterionSpec.needs: feature_maps, target_images
+    scored: str = "every_step"  # CriterionSpec.scored: every_step or per_pruning_event
+
+    @property
+    def needs_target_images(self) -> bool:
+        return "target_images" in self.needs
 
     @property
     def label(self) -> str:
@@ -316,6 +348,13 @@ def make_criterion(name: str, params: Mapping[str, Any] | None = None, seed: int
         def share(inputs: ScoreInputs) -> float:
             return share_of(inputs, bound)
 
+    learner = None
+    if spec.learner is not None:
+        build = spec.learner
+
+        def learner(context: LearnerContext) -> ParameterLearner:
+            return build(context, bound)
+
     return Criterion(
         name,
         score,
@@ -323,9 +362,13 @@ def make_criterion(name: str, params: Mapping[str, Any] | None = None, seed: int
         needs_weights=spec.needs_weights,
         needs_loss_changes=spec.needs_loss_changes,
         needs_val_gradients=spec.needs_val_gradients,
+        min_domains=spec.min_domains,
         generator=generator,
         params=values,
         variance_share=share,
+        learner=learner,
+        needs=spec.needs,
+        scored=spec.scored,
     )
 
 
@@ -351,7 +394,9 @@ def variance_term_share(criterion: Criterion, inputs: ScoreInputs) -> float:
 
 
 def criterion_param_defaults(name: str) -> dict[str, Any]:
-    return _spec(name).params().model_dump()
+    """The parameters that have a default (a required one, such as target_entropy's sign, has none)."""
+    fields = _spec(name).params.model_fields
+    return {key: info.default for key, info in fields.items() if not info.is_required()}
 
 
 def criterion_param_names(name: str) -> tuple[str, ...]:
@@ -370,7 +415,8 @@ def describe_params(name: str) -> str:
                 text += f" > {_show(meta.gt)}"
         if get_origin(info.annotation) is Literal:
             text += " " + " | ".join(_show(v) for v in get_args(info.annotation))
-        parts.append(f"{text} (default {_show(info.default)})")
+        default = "required" if info.is_required() else f"default {_show(info.default)}"
+        parts.append(f"{text} ({default})")
     return ", ".join(parts) if parts else "none"
 
 
@@ -401,9 +447,9 @@ def validate_criterion_params(name: str, params: Mapping[str, Any] | None) -> di
             reason = str(problem.get("ctx", {}).get("error", problem["msg"]))
             raise ConfigError(f"{name}: {reason}") from None
         key = problem["loc"][0]
+        got = "" if problem["type"] == "missing" else f", got {_show(problem['input'])}"
         raise ConfigError(
-            f"{name}: {key} {_reason(problem)}, got {_show(problem['input'])} "
-            f"(parameters: {describe_params(name)})"
+            f"{name}: {key} {_reason(problem)}{got} (parameters: {describe_params(name)})"
         ) from None
 
 
@@ -418,6 +464,8 @@ def _reason(problem: dict[str, Any]) -> str:
         return f"must be {ctx['expected']}"
     if kind == "finite_number":
         return "must be a finite number"
+    if kind == "missing":
+        return "must be given (it has no default)"
     if kind in ("float_parsing", "float_type"):
         return "must be a number"
     return str(problem["msg"]).lower()
@@ -431,12 +479,20 @@ def _show(value: Any) -> str:
     return str(value)
 
 
-def criterion_label(name: str, params: Mapping[str, Any] | None = None, display: str | None = None) -> str:
+def criterion_label(
+    name: str,
+    params: Mapping[str, Any] | None = None,
+    display: str | None = None,
+    target_access: str = "none",
+) -> str:
     """A criterion's name (or ``display``) plus its parameters that differ from their defaults:
-    ``ior``, ``ior (alpha=2)``, ``ior (alpha_mode=share, share=0.5)``. Used wherever runs are named."""
+    ``ior``, ``ior (alpha=2)``, ``ior (alpha_mode=share, share=0.5)``. Used wherever runs are named.
+    A run that saw the target's images (``prune.target_access`` unlabeled) is marked ``[unlabeled
+    target]``, so that no table, plot or comparison shows it as a source-only run."""
     shown = display or name
+    mark = "" if target_access == "none" else f" [{target_access} target]"
     if not params:
-        return shown
+        return shown + mark
     defaults = criterion_param_defaults(name) if name in REGISTRY else {}
     order = list(defaults) + sorted(key for key in params if key not in defaults)
     changed = [
@@ -444,7 +500,7 @@ def criterion_label(name: str, params: Mapping[str, Any] | None = None, display:
         for key in order
         if key in params and (key not in defaults or params[key] != defaults[key])
     ]
-    return f"{shown} ({', '.join(changed)})" if changed else shown
+    return (f"{shown} ({', '.join(changed)})" if changed else shown) + mark
 
 
 def _plain_value(value: Any) -> str:

@@ -36,6 +36,7 @@ class GateSet:
         self.alive = [torch.ones(g.size, dtype=torch.bool, device=device) for g in groups]
         self._domain_gates: list[torch.Tensor] | None = None
         self._domain: int | torch.Tensor | None = None
+        self._relaxed: list[torch.Tensor] | None = None  # see relaxed()
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._modules = dict(model.named_modules())
 
@@ -70,6 +71,8 @@ class GateSet:
     def _current_gate(self, group_idx: int) -> torch.Tensor:
         if self._domain_gates is not None and self._domain is not None:
             return self._domain_gates[group_idx][self._domain]
+        if self._relaxed is not None:
+            return self.alive[group_idx].float() * self._relaxed[group_idx]
         return self.alive[group_idx].float()
 
     # ---- per-domain scoring --------------------------------------------------------------------
@@ -103,6 +106,18 @@ class GateSet:
         if self._domain_gates is None:
             raise RuntimeError("no scoring step in progress")
         return list(self._domain_gates)
+
+    @contextmanager
+    def relaxed(self, values: list[torch.Tensor]) -> Iterator[None]:
+        """Forward passes inside this block multiply each group's 0/1 mask by ``values[group]`` ([C],
+        may require grad): the relaxed masks that learned_masks trains (pruning/learned_masks.py)."""
+        if [len(v) for v in values] != self.sizes:
+            raise ValueError("one value per channel of every group")
+        self._relaxed = values
+        try:
+            yield
+        finally:
+            self._relaxed = None
 
     @contextmanager
     def masked(self) -> Iterator[None]:

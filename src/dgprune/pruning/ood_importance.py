@@ -11,16 +11,21 @@ measures that importance directly and compares every criterion with it:
   the per-source rises *is* the signed source oracle);
 - every registered criterion's score (``criteria.CRITERIA`` except ``oracle``, which is the
   measurement itself), computed from one training-mode step on the source batches as pruning does
-  (per-domain gate gradients of one backward, no optimizer step), plus a few IoR weightings.
+  (per-domain gate gradients of one backward, no optimizer step), plus a few IoR weightings; the
+  criteria scored per pruning event (``dss_sources``; and ``dss`` and ``target_entropy`` with both
+  signs, which read the target batch's *images* as under ``prune.target_access: unlabeled``: their
+  rows are marked ``[unlabeled target]``) as at a pruning event, in evaluation mode; and
+  ``learned_masks``' logits after all its mask-training steps on the fixed source batches.
 
-For each of these source-only signals: Spearman's rank correlation with the target oracle (signed
-and squared) and with the source oracle (Eq. 1), and the overlap of its lowest-k channels (those it
-would prune first) with the target oracle's lowest-k, ``|A & B| / k``, at k = 50% and 70% of the
-analysed channels; a random ranking overlaps k / K on average (K analysed channels).
+For each of these signals (source-only but for the marked rows): Spearman's rank correlation with the
+target oracle (signed and squared) and with the source oracle (Eq. 1), and the overlap of its lowest-k
+channels (those it would prune first) with the target oracle's lowest-k, ``|A & B| / k``, at k = 50%
+and 70% of the analysed channels; a random ranking overlaps k / K on average (K analysed channels).
 
 All oracles come from one set of forwards (``oracle.removal_risks``: one forward of every batch per
 channel), in evaluation mode (BatchNorm with its running statistics: the risk the deployed model
-has). The target is used for this analysis only, never for pruning, selection or any setting.
+has). The target's labels are used for this analysis only, never for pruning, selection or any
+setting; its images only by the marked rows.
 """
 
 from __future__ import annotations
@@ -36,7 +41,16 @@ from scipy import stats
 from torch import nn
 
 from dgprune.errors import ConfigError
-from dgprune.pruning.criteria import CRITERIA, ScoreInputs, make_criterion
+from dgprune.pruning.criteria import (
+    CRITERIA,
+    REGISTRY,
+    Criterion,
+    LearnerContext,
+    ScoreInputs,
+    criterion_label,
+    make_criterion,
+)
+from dgprune.pruning.event_inputs import event_score_inputs
 from dgprune.pruning.gates import GateSet
 from dgprune.pruning.oracle import Batch, removable_positions, removal_risks
 from dgprune.pruning.scoring import DomainStep, per_domain_forward_backward
@@ -52,6 +66,9 @@ EXTRA_VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("ior", {"alpha": 100.0}),
     ("ior", {"alpha": 1e4}),
     ("ior", {"alpha_mode": "share", "share": 1.0}),
+    # target_entropy has no default sign: both are rows (its sign must be chosen without target labels)
+    ("target_entropy", {"sign": 1}),
+    ("target_entropy", {"sign": -1}),
 )
 SKIPPED_CRITERIA = ("oracle",)  # the measurement itself
 Values = Sequence[float] | np.ndarray | torch.Tensor
@@ -181,9 +198,14 @@ def sample_positions(candidates: list[int], limit: int | None, seed: int) -> lis
 def criterion_variants() -> list[tuple[str, dict[str, Any] | None]]:
     """Every registered criterion but the oracle (default parameters), then the extra IoR rows."""
     variants: list[tuple[str, dict[str, Any] | None]] = [
-        (name, None) for name in CRITERIA if name not in SKIPPED_CRITERIA
+        (name, None) for name in CRITERIA if name not in SKIPPED_CRITERIA and _has_defaults(name)
     ]
     return variants + [(name, params) for name, params in EXTRA_VARIANTS if name in CRITERIA]
+
+
+def _has_defaults(name: str) -> bool:
+    """Whether every parameter of the criterion has a default (target_entropy's sign has none)."""
+    return not any(info.is_required() for info in REGISTRY[name].params.model_fields.values())
 
 
 def criterion_scores(
@@ -194,10 +216,18 @@ def criterion_scores(
     seed: int = 0,
     variants: Sequence[tuple[str, Mapping[str, Any] | None]] | None = None,
     bn_mode: str = "per_domain",
+    keep_ratio: float = 0.5,
+    target_images: torch.Tensor | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Each criterion's [M] scores at the current weights: one training-mode forward/backward of the
     source batches (and of the validation batches when a criterion needs them), as pruning scores;
     no optimizer step, parameter gradients cleared and BatchNorm statistics restored afterwards.
+    A criterion with trainable parameters of its own (learned_masks) trains them on the source batches
+    first (all its steps on these same batches, aiming at ``keep_ratio``); the model is left as it was.
+
+    A criterion scored per pruning event (dss, dss_sources, target_entropy) is scored as at an event,
+    in evaluation mode, on the source batches' images and, when it needs them, on ``target_images``
+    (images only): its row is labelled ``[unlabeled target]`` then (criterion_label).
 
     Returns (label -> scores, label -> why skipped) for criteria that cannot be scored here.
     """
@@ -230,14 +260,49 @@ def criterion_scores(
     scores: dict[str, torch.Tensor] = {}
     for criterion in criteria:
         label = getattr(criterion, "label", criterion.name)
+        if getattr(criterion, "learner", None) is not None:
+            learned = _learned_scores(criterion, model, gates, source_batches, keep_ratio, bn_mode, seed)
+            scores[label] = learned
+            continue
         if criterion.needs_loss_changes:
             skipped[label] = "needs the measured loss changes: it is the source oracle (Eq. 1) row"
+            continue
+        if getattr(criterion, "scored", "every_step") == "per_pruning_event":
+            if criterion.needs_target_images:
+                label = criterion_label(criterion.name, criterion.params, target_access="unlabeled")
+                if target_images is None:
+                    skipped[label] = "needs the target's images"
+                    continue
+            sources = [x for x, _ in source_batches]
+            event = event_score_inputs(criterion, model, gates, sources, target_images, inputs)
+            try:
+                scores[label] = criterion.score(event).detach().double().cpu()
+            except ValueError as err:  # e.g. dss_sources with a single source
+                skipped[label] = str(err)
             continue
         try:
             scores[label] = criterion.score(inputs).detach().double().cpu()
         except ValueError as err:  # an input this analysis does not compute (e.g. no val batches)
             skipped[label] = str(err)
     return scores, skipped
+
+
+def _learned_scores(
+    criterion: Criterion,
+    model: nn.Module,
+    gates: GateSet,
+    source_batches: list[Batch],
+    keep_ratio: float,
+    bn_mode: str,
+    seed: int,
+) -> torch.Tensor:
+    """[M] the learned scores (learned_masks: the mask logits) after the learner's steps on the fixed
+    source batches; the learner leaves the weights and BatchNorm statistics untouched."""
+    assert criterion.learner is not None
+    learner = criterion.learner(LearnerContext(model, gates, keep_ratio, bn_mode, seed))
+    for _ in range(learner.steps):
+        learner.step(source_batches)
+    return learner.scores().detach().double().cpu()
 
 
 def _gradient_steps(
@@ -282,6 +347,7 @@ def measure_ood_importance(
     fractions: tuple[float, ...] = PRUNED_FRACTIONS,
     variants: Sequence[tuple[str, Mapping[str, Any] | None]] | None = None,
     bn_mode: str = "per_domain",
+    keep_ratio: float = 0.5,
 ) -> OodImportance:
     """Target and source oracles of the removable channels (or of ``positions``, a subset of them) and
     every criterion's agreement with them. ``gates`` must be attached to ``model``; ``bn_mode`` is how
@@ -297,7 +363,9 @@ def measure_ood_importance(
             raise ValueError(f"positions {outside[:5]} are not removable alive channels")
     if len(positions) < 2:
         raise ConfigError(f"only {len(positions)} removable channel(s): nothing to rank")
-    scores, skipped = criterion_scores(model, gates, source_batches, val_batches, seed, variants, bn_mode)
+    scores, skipped = criterion_scores(
+        model, gates, source_batches, val_batches, seed, variants, bn_mode, keep_ratio, target_batch[0]
+    )
 
     was_training = model.training
     model.eval()  # the deployed model's risk: BatchNorm with running statistics

@@ -24,7 +24,6 @@ matplotlib.use("Agg")  # before pyplot: render to files, never to a window
 import matplotlib.pyplot as plt
 
 from dgprune.experiments.records import ResultRecord
-from dgprune.pruning.criteria import criterion_label
 from dgprune.report.cells import mean_se
 
 CRITERION_STYLE = {
@@ -45,7 +44,7 @@ LineKey = tuple[str, str]  # (criterion, criterion_label: the name plus its non-
 
 
 def _line_key(record: ResultRecord) -> LineKey:
-    return (record.criterion, criterion_label(record.criterion, record.criterion_params))
+    return (record.criterion, record.label)  # a run that saw the target's images: its own line
 
 
 def _styles(keys: list[LineKey]) -> dict[LineKey, tuple[str, str, str]]:
