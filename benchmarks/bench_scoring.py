@@ -16,7 +16,10 @@ forward, backward, SGD step (lr 1e-3, momentum 0.9).
 ``--bn-mode mixed`` measures the library's ``bn_mode: mixed`` instead: ``plain`` and ``naive`` forward
 the domains as one batch (BatchNorm over all sources) and ``taylor``/``ior`` take each domain's gate
 gradient of that forward with its own ``autograd.grad`` (N extra gate-only backward passes), so
-``taylor/plain`` is then the cost of exact per-domain gradients under mixed BatchNorm. For a model
+``taylor/plain`` is then the cost of exact per-domain gradients under mixed BatchNorm. That mode adds
+the variant ``batched``: the same Taylor step with ``mixed_grads="batched"`` (the N gradients from one
+backward under ``torch.func.vmap``; its gradients are checked against the loop's before timing), so
+one run gives before (``taylor/plain``), after (``batched/plain``) and ``batched/taylor``. For a model
 without train-mode BatchNorm (MNIST_CNN) both modes are the same computation.
 
 Absolute times on a shared machine are noisy, so the figures that matter are *ratios* measured in
@@ -27,6 +30,7 @@ ratios, with their inter-quartile range).
     python benchmarks/bench_scoring.py --json benchmarks/results/scoring.json
     python benchmarks/bench_scoring.py --quick
     python benchmarks/bench_scoring.py --models resnet18 --bn-mode mixed --json scoring_mixed.json
+    python benchmarks/bench_scoring.py --models resnet18 --bn-mode mixed --variants batched --device cuda
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ from dgprune.pruning import (
 )
 from dgprune.pruning.criteria import Criterion
 from dgprune.pruning.groups import ChannelGroup
-from dgprune.pruning.scoring import mixes_samples
+from dgprune.pruning.scoring import MixedGrads, gate_gradients, mixes_samples
 
 # name -> (build_model kwargs, image side)
 MODELS: dict[str, tuple[dict[str, Any], int]] = {
@@ -66,12 +70,16 @@ MODELS: dict[str, tuple[dict[str, Any], int]] = {
     "resnet18": ({"name": "resnet18", "num_classes": 7, "in_channels": 3, "small_input": True}, 32),
 }
 VARIANTS = ("plain", "taylor", "ior", "naive")
+MIXED_VARIANTS = (*VARIANTS, "batched")  # --bn-mode mixed: the loop (taylor) vs one batched backward
 RATIOS = {
     "ior/taylor": ("ior", "taylor"),
     "naive/taylor": ("naive", "taylor"),
     "taylor/plain": ("taylor", "plain"),
+    "batched/plain": ("batched", "plain"),
+    "batched/taylor": ("batched", "taylor"),
 }
 IOR_TARGET = 1.05
+MIXED_TARGET = 1.5  # issue 18.5: a batched mixed-BN scoring step vs a plain mixed step
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -102,8 +110,10 @@ class SharedGates:
 
     def fresh(self) -> None:
         """New all-ones gate leaves for one step (no channel is pruned in this benchmark)."""
-        dtype = next(self.model.parameters()).dtype
-        self.leaves = [torch.ones(g.size, dtype=dtype, requires_grad=True) for g in self.groups]
+        like = next(self.model.parameters())
+        self.leaves = [
+            torch.ones(g.size, dtype=like.dtype, device=like.device, requires_grad=True) for g in self.groups
+        ]
 
     def _apply(
         self, group_idx: int, order: torch.Tensor, module, inputs, output: torch.Tensor
@@ -146,10 +156,14 @@ class Bench:
         if update:
             self.optimizer.step()
 
-    def step_library(self, criterion_name: str, update: bool = True) -> torch.Tensor:
+    def step_library(
+        self, criterion_name: str, update: bool = True, mixed_grads: MixedGrads = "loop"
+    ) -> torch.Tensor:
         criterion = self.criteria[criterion_name]
         self.optimizer.zero_grad(set_to_none=True)
-        out = per_domain_forward_backward(self.model, self.gates, self.batches, bn_mode=self.bn_mode)
+        out = per_domain_forward_backward(
+            self.model, self.gates, self.batches, bn_mode=self.bn_mode, mixed_grads=mixed_grads
+        )
         scores = criterion.score(
             ScoreInputs(gates=self.gates.flat_gates(), domain_grads=out.domain_grads, risks=out.risks)
         )
@@ -185,7 +199,7 @@ class Bench:
     def enter(self, variant: str) -> None:
         self.gates.detach()
         self.shared.detach()
-        if variant in ("taylor", "ior"):
+        if variant in ("taylor", "ior", "batched"):
             self.gates.attach()
         elif variant == "naive":
             self.shared.attach()
@@ -196,19 +210,22 @@ class Bench:
             "taylor": partial(self.step_library, "taylor"),
             "ior": partial(self.step_library, "ior"),
             "naive": self.step_naive,
+            "batched": partial(self.step_library, "taylor", mixed_grads="batched"),
         }[variant]
 
 
-def make_bench(model_key: str, domains: int, batch: int, seed: int, bn_mode: str = "per_domain") -> Bench:
+def make_bench(
+    model_key: str, domains: int, batch: int, seed: int, bn_mode: str = "per_domain", device: str = "cpu"
+) -> Bench:
     kwargs, side = MODELS[model_key]
     torch.manual_seed(seed)
-    model = build_model(**kwargs)
+    model = build_model(**kwargs).to(device)
     channels, classes = kwargs["in_channels"], kwargs["num_classes"]
     generator = torch.Generator().manual_seed(seed)
     batches = [
         (
-            torch.randn(batch, channels, side, side, generator=generator),
-            torch.randint(0, classes, (batch,), generator=generator),
+            torch.randn(batch, channels, side, side, generator=generator).to(device),
+            torch.randint(0, classes, (batch,), generator=generator).to(device),
         )
         for _ in range(domains)
     ]
@@ -256,7 +273,32 @@ def check_naive_matches_library(bench: Bench) -> float:
     return float((library - naive).abs().max() / library.abs().max().clamp_min(1e-30))
 
 
+def library_forward(model: nn.Module, bn_mode: str) -> str:
+    """How the library forwards the domains: per domain, one batch whose BatchNorm couples them
+    (mixed mode: the per-domain gradients need N backward passes), or one uncoupled batch."""
+    if not mixes_samples(model):
+        return "one batch"
+    return "per domain" if bn_mode == "per_domain" else "one batch, coupled"
+
+
+def check_batched_matches_loop(bench: Bench) -> float:
+    """Max difference, relative to the largest gradient, between the per-domain gate gradients of
+    ``mixed_grads="batched"`` and of the loop on the same forward (BatchNorm statistics restored)."""
+    bench.enter("taylor")
+    _, loop = gate_gradients(bench.model, bench.gates, bench.batches, bench.bn_mode, "loop")
+    _, batched = gate_gradients(bench.model, bench.gates, bench.batches, bench.bn_mode, "batched")
+    bench.enter("none")
+    return float((batched - loop).abs().max() / loop.abs().max().clamp_min(1e-30))
+
+
 # ---- timing ----------------------------------------------------------------------------------------
+def clock() -> float:
+    """perf_counter once the GPU (if any) has finished the work queued so far."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 def quartiles(values: list[float]) -> tuple[float, float, float]:
     if len(values) == 1:
         return values[0], values[0], values[0]
@@ -265,41 +307,49 @@ def quartiles(values: list[float]) -> tuple[float, float, float]:
 
 
 def time_model(
-    bench: Bench, max_rounds: int, warmup: int, min_block_s: float, budget_s: float
+    bench: Bench,
+    max_rounds: int,
+    warmup: int,
+    min_block_s: float,
+    budget_s: float,
+    variants: tuple[str, ...] = VARIANTS,
 ) -> dict[str, Any]:
     """Interleaved timing; as many rounds as fit in ``budget_s`` (at least 3, at most ``max_rounds``)."""
-    fns = {v: bench.step_fn(v) for v in VARIANTS}
+    fns = {v: bench.step_fn(v) for v in variants}
     # warm-up, and a first estimate of each variant's step time to size the timed blocks
     estimate = {}
-    for variant in VARIANTS:
+    for variant in variants:
         bench.enter(variant)
         for _ in range(warmup):
             fns[variant]()
-        t0 = time.perf_counter()
+        t0 = clock()
         fns[variant]()
-        estimate[variant] = time.perf_counter() - t0
-    steps = {v: max(1, math.ceil(min_block_s / max(estimate[v], 1e-6))) for v in VARIANTS}
-    round_s = sum(steps[v] * estimate[v] for v in VARIANTS)
+        estimate[variant] = clock() - t0
+    steps = {v: max(1, math.ceil(min_block_s / max(estimate[v], 1e-6))) for v in variants}
+    round_s = sum(steps[v] * estimate[v] for v in variants)
     rounds = max(3, min(max_rounds, int(budget_s / max(round_s, 1e-6))))
-    block_ms: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    block_ms: dict[str, list[float]] = {v: [] for v in variants}
     for r in range(rounds):
-        order = VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]
+        order = variants[r % len(variants) :] + variants[: r % len(variants)]
         for variant in order:
             bench.enter(variant)
             fn, n = fns[variant], steps[variant]
-            t0 = time.perf_counter()
+            t0 = clock()
             for _ in range(n):
                 fn()
-            block_ms[variant].append((time.perf_counter() - t0) / n * 1e3)
+            block_ms[variant].append((clock() - t0) / n * 1e3)
     bench.enter("none")
-    ms = {v: statistics.median(block_ms[v]) for v in VARIANTS}
-    min_ms = {v: min(block_ms[v]) for v in VARIANTS}  # least disturbed block, for reference
+    ms = {v: statistics.median(block_ms[v]) for v in variants}
+    min_ms = {v: min(block_ms[v]) for v in variants}  # least disturbed block, for reference
     ratios = {}
     for name, (a, b) in RATIOS.items():
+        if a not in variants or b not in variants:
+            continue
         per_round = [x / y for x, y in zip(block_ms[a], block_ms[b], strict=True)]
         q1, q2, q3 = quartiles(per_round)
         ratios[name] = {"median": q2, "q25": q1, "q75": q3, "per_round": per_round}
     return {
+        "variants": list(variants),
         "rounds": rounds,
         "steps_per_block": steps,
         "ms_per_step": ms,
@@ -317,11 +367,14 @@ def fmt_ratio(r: dict[str, float]) -> str:
 
 
 def markdown_table(results: list[dict[str, Any]]) -> str:
+    variants, ratio_names = results[0]["variants"], list(results[0]["ratios"])  # one run: the same for all
+    columns = [f"{v} ms" for v in variants] + ratio_names
     head = (
-        "| model | input | domains x batch | library forward | gated channels "
-        "| plain ms | taylor ms | ior ms | naive ms "
-        "| ior/taylor | naive/taylor | taylor/plain |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "| model | input | domains x batch | library forward | gated channels | "
+        + " | ".join(columns)
+        + " |\n"
+        + "|---" * (5 + len(columns))
+        + "|\n"
     )
     rows = []
     for res in results:
@@ -329,9 +382,9 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
         rows.append(
             f"| {res['model']} | {res['input']} | {res['domains']} x {res['batch']} "
             f"| {res['library_forward']} | {res['gated_channels']} "
-            + " ".join(f"| {ms[v]:.1f}" for v in VARIANTS)
+            + " ".join(f"| {ms[v]:.1f}" for v in variants)
             + " "
-            + " ".join(f"| {fmt_ratio(ratios[k])}" for k in RATIOS)
+            + " ".join(f"| {fmt_ratio(ratios[k])}" for k in ratio_names)
             + " |"
         )
     return head + "\n".join(rows) + "\n"
@@ -373,6 +426,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--min-block", type=float, default=None, help="seconds per timed block (default 0.5)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: cores available)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="torch device (cpu, cuda); default cpu")
     parser.add_argument(
         "--bn-mode",
         choices=["per_domain", "mixed"],
@@ -380,10 +434,22 @@ def main(argv: list[str] | None = None) -> None:
         help="prune.bn_mode of the library variants (plain and naive forward the same way)",
     )
     parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=MIXED_VARIANTS[2:],
+        default=None,
+        help="variants timed besides plain and taylor, the references (default all; batched: mixed only)",
+    )
+    parser.add_argument(
         "--quick", action="store_true", help="short smoke run: 3 rounds, batch 8, 0.1 s blocks"
     )
     parser.add_argument("--json", type=Path, default=None, help="write the raw figures here")
     args = parser.parse_args(argv)
+    all_variants = MIXED_VARIANTS if args.bn_mode == "mixed" else VARIANTS
+    chosen = set(all_variants if args.variants is None else ("plain", "taylor", *args.variants))
+    variants = tuple(v for v in all_variants if v in chosen)
+    if not chosen <= set(all_variants):
+        parser.error("the variant batched is a --bn-mode mixed variant")
     if args.quick:
         args.batch = min(args.batch, 8)
     rounds = args.rounds or (3 if args.quick else 15)
@@ -393,6 +459,7 @@ def main(argv: list[str] | None = None) -> None:
     threads = args.threads or available_cores()
     torch.set_num_threads(threads)
     meta = machine_info(torch.get_num_threads())
+    meta["device"] = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
     print(
         f"torch {meta['torch']}, {meta['cores_available']} cores available, "
         f"torch.set_num_threads({threads}) -> {torch.get_num_threads()} threads; {meta['cpu']}"
@@ -405,9 +472,10 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     for key in args.models:
         t0 = time.perf_counter()
-        bench = make_bench(key, args.domains, args.batch, args.seed, args.bn_mode)
-        rel = check_naive_matches_library(bench)
-        timing = time_model(bench, rounds, warmup, min_block, budget)
+        bench = make_bench(key, args.domains, args.batch, args.seed, args.bn_mode, args.device)
+        rel = check_naive_matches_library(bench) if "naive" in variants else None
+        batched_rel = check_batched_matches_loop(bench) if "batched" in variants else None
+        timing = time_model(bench, rounds, warmup, min_block, budget, variants)
         score_ms = time_scores(bench, 0.2 if args.quick else 1.0)
         extra = (score_ms["ior"] - score_ms["taylor"]) / timing["ms_per_step"]["taylor"]
         side = MODELS[key][1]
@@ -419,19 +487,21 @@ def main(argv: list[str] | None = None) -> None:
             "batch": args.batch,
             "gated_channels": bench.gates.total,
             "bn_mode": args.bn_mode,
-            "library_forward": "per domain"
-            if mixes_samples(bench.model) and args.bn_mode == "per_domain"
-            else "one batch",
+            "library_forward": library_forward(bench.model, args.bn_mode),
             "groups": len(bench.gates.groups),
             "naive_vs_library_ior_max_rel_diff": rel,
+            "batched_vs_loop_grads_max_rel_diff": batched_rel,
             "score_only_ms": score_ms,
             "ior_over_taylor_from_score_cost": 1.0 + extra,
             **timing,
             "wall_s": time.perf_counter() - t0,
         }
         results.append(res)
+        checks = "" if rel is None else f"naive IoR == library IoR to {rel:.1e} (max rel diff); "
+        if batched_rel is not None:
+            checks += f"batched grads == loop grads to {batched_rel:.1e}; "
         print(
-            f"{key}: naive IoR == library IoR to {rel:.1e} (max rel diff); "
+            f"{key}: {checks}"
             f"{timing['rounds']} rounds, steps/block {timing['steps_per_block']}; {res['wall_s']:.0f} s"
         )
 
@@ -443,6 +513,15 @@ def main(argv: list[str] | None = None) -> None:
     print("score ms: criterion.score alone on one step's gate gradients (torch.utils.benchmark, median);")
     print("implied: 1 + (ior score - taylor score) / taylor step, the step cost IoR adds over Taylor.")
     for res in results:
+        if "batched/plain" in res["ratios"] and res["library_forward"] == "one batch, coupled":
+            before, after = res["ratios"]["taylor/plain"], res["ratios"]["batched/plain"]
+            print(
+                f"{res['model']}: mixed-BN scoring step / plain mixed step: loop {fmt_ratio(before)}, "
+                f"batched {fmt_ratio(after)} -> target <= {MIXED_TARGET} "
+                f"{'met' if after['median'] <= MIXED_TARGET else 'NOT met'}"
+            )
+        if "ior/taylor" not in res["ratios"]:
+            continue
         r = res["ratios"]["ior/taylor"]
         verdict = "met" if r["median"] <= IOR_TARGET else "NOT met"
         print(
@@ -461,8 +540,10 @@ def main(argv: list[str] | None = None) -> None:
             "quick": args.quick,
             "seed": args.seed,
             "bn_mode": args.bn_mode,
+            "device": args.device,
             "optimizer": "SGD lr 1e-3 momentum 0.9",
             "ior_target": IOR_TARGET,
+            "variants": list(variants),
         }
         payload = {"benchmark": "scoring", "machine": meta, "settings": settings, "results": results}
         args.json.write_text(json.dumps(payload, indent=1))

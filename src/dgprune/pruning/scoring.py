@@ -14,7 +14,10 @@ the samples of a batch (train-mode BatchNorm):
   domains: each domain's exact gradient ``dR_i/dg`` of that mixed forward is taken with its own
   ``torch.autograd.grad(R_i, gates, retain_graph=True)``, then the training loss is backpropagated
   once for the parameters. Cost: N extra partial backward passes (down to the first gated layer,
-  without parameter gradients) per step.
+  without parameter gradients) per step. ``mixed_grads="batched"`` issues the N passes as one
+  backward under ``torch.func.vmap`` (one-hot cotangents): same gradients, fewer and larger kernels,
+  but the same arithmetic, because BatchNorm's backward spreads each domain's cotangent over every
+  sample; see ``_batched_risk_gradients`` and docs/benchmarks.md for when that pays.
 
 A model whose layers never mix samples (no train-mode BatchNorm) is forwarded once on the
 concatenated batch in both modes, each sample gated by its own domain's copy: the two modes are the
@@ -40,6 +43,9 @@ from dgprune.pruning.gates import GateSet
 
 BnMode = Literal["per_domain", "mixed"]
 BN_MODES: tuple[str, ...] = ("per_domain", "mixed")
+# How mixed mode takes its N per-domain gradients: N autograd.grad calls, or one vmapped backward.
+MixedGrads = Literal["loop", "batched"]
+MIXED_GRADS: tuple[str, ...] = ("loop", "batched")
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -73,6 +79,7 @@ def per_domain_forward_backward(
     batches: Batches,
     objective: Objective | None = None,
     bn_mode: BnMode = "per_domain",
+    mixed_grads: MixedGrads = "loop",
 ) -> DomainStep:
     """Forward the domains (as ``bn_mode`` says), return risks and exact per-domain gate gradients.
 
@@ -81,7 +88,7 @@ def per_domain_forward_backward(
     ``objective`` (a DG algorithm's, e.g. CORAL), the gate gradients still come from the plain
     per-domain cross-entropies — IoR's risks — via ``autograd.grad``, and the objective is
     backpropagated separately. Parameter gradients are accumulated in ``.grad``; the caller steps
-    the optimizer.
+    the optimizer. ``mixed_grads`` only matters in mixed mode (see the module docstring).
     """
     num_domains = len(batches)
     shared = _shared_gates(model, bn_mode)
@@ -94,7 +101,7 @@ def per_domain_forward_backward(
         # d(mean R)/d(copy i) = (1/N) dR_i/dg: undo the 1/N to get each domain's own gradient.
         domain_grads = gates.domain_gradients().detach() * num_domains
     else:
-        domain_grads = _risk_gradients(risk_vector, gates, shared, retain_graph=True)
+        domain_grads = _risk_gradients(risk_vector, gates, shared, True, mixed_grads)
         if objective is None:
             loss = risk_vector.mean()
         else:
@@ -108,7 +115,11 @@ def per_domain_forward_backward(
 
 
 def gate_gradients(
-    model: nn.Module, gates: GateSet, batches: Batches, bn_mode: BnMode = "per_domain"
+    model: nn.Module,
+    gates: GateSet,
+    batches: Batches,
+    bn_mode: BnMode = "per_domain",
+    mixed_grads: MixedGrads = "loop",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """([N] risks, [N, M] dR_i/dg) of ``batches`` forwarded as in training, without training on them:
     only the gates are differentiated (parameter ``.grad`` is untouched) and BatchNorm running
@@ -119,7 +130,7 @@ def gate_gradients(
     try:
         outputs = _gated_forward(model, gates, batches, shared)
         risks = torch.stack([F.cross_entropy(o.logits, o.y) for o in outputs])
-        grads = _risk_gradients(risks, gates, shared, retain_graph=False)
+        grads = _risk_gradients(risks, gates, shared, False, mixed_grads)
     finally:
         gates.end_scoring()
         with torch.no_grad():
@@ -135,18 +146,60 @@ def _shared_gates(model: nn.Module, bn_mode: BnMode) -> bool:
     return bn_mode == "mixed" and mixes_samples(model)
 
 
-def _risk_gradients(risks: torch.Tensor, gates: GateSet, shared: bool, retain_graph: bool) -> torch.Tensor:
+def _risk_gradients(
+    risks: torch.Tensor, gates: GateSet, shared: bool, retain_graph: bool, mixed_grads: MixedGrads = "loop"
+) -> torch.Tensor:
     """[N, M] dR_i/dg. With per-domain copies one autograd.grad of sum_i R_i separates the domains
-    (R_i only sees copy i); with one shared gate vector each domain needs its own."""
+    (R_i only sees copy i); with one shared gate vector each domain needs its own backward pass,
+    looped or batched (``mixed_grads``)."""
     tensors = gates.domain_gate_tensors()
     if not shared:
         grads = torch.autograd.grad(risks.sum(), tensors, retain_graph=retain_graph)
         return torch.cat(grads, dim=1).detach()
+    if mixed_grads not in MIXED_GRADS:
+        raise ValueError(f"mixed_grads must be one of {', '.join(MIXED_GRADS)}, got {mixed_grads!r}")
+    if mixed_grads == "batched":
+        batched = _batched_risk_gradients(risks, tensors)
+        if batched is not None:
+            return batched
+    return _looped_risk_gradients(risks, tensors, retain_graph)
+
+
+def _looped_risk_gradients(
+    risks: torch.Tensor, tensors: list[torch.Tensor], retain_graph: bool
+) -> torch.Tensor:
+    """[N, M]: one ``autograd.grad(R_i, gates)`` per domain (the reference computation)."""
     rows = []
     for index in range(len(risks)):
         keep = retain_graph or index < len(risks) - 1
         rows.append(torch.cat(torch.autograd.grad(risks[index], tensors, retain_graph=keep), dim=1))
     return torch.cat(rows, dim=0).detach()
+
+
+def _batched_risk_gradients(risks: torch.Tensor, tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """[N, M] from ONE backward: ``autograd.grad`` under ``torch.func.vmap`` over the rows of the
+    identity (cotangent e_i of the risk vector gives row i), or None where that cannot run.
+
+    Why torch.func.vmap and not ``autograd.grad(..., is_grads_batched=True)``: the latter uses the
+    legacy vmap, which has no batching rule for convolution_backward, native_batch_norm_backward,
+    _log_softmax_backward_data or nll_loss_backward and runs them as per-slice loops (torch says so
+    under ``torch._C._debug_only_display_vmap_fallback_warnings(True)``): the loop plus copies.
+    The graph is always retained so that a failed attempt leaves it whole for the loop. It fails
+    (RuntimeError) on a backward that vmap cannot batch, e.g. a custom autograd.Function without a
+    vmap rule, or when the N stacked cotangents (N times the activation-gradient memory of one
+    backward) do not fit: the caller then falls back to the loop.
+    """
+    basis = torch.eye(len(risks), dtype=risks.dtype, device=risks.device)
+
+    def vector_jacobian(cotangent: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return torch.autograd.grad(risks, tensors, cotangent, retain_graph=True)
+
+    try:
+        grads = torch.func.vmap(vector_jacobian)(basis)
+    except RuntimeError:
+        return None
+    # each gate copy is [1, C] (one shared copy): its batched gradient is [N, 1, C]
+    return torch.cat([grad.flatten(1) for grad in grads], dim=1).detach()
 
 
 def _gated_forward(model: nn.Module, gates: GateSet, batches: Batches, shared: bool) -> list[DomainOutput]:
