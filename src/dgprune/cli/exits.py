@@ -7,6 +7,7 @@ fix is one line starting with ``error:`` (no traceback); any other exception is 
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
@@ -51,6 +52,7 @@ def grid_note(out: Path) -> Callable[[], str]:
 
 def run_app(app: Callable[..., Any]) -> NoReturn:
     """Run the command line ``app`` and exit with its status (see the module docstring)."""
+    warnings.showwarning = _warning_line
     try:
         code = app(standalone_mode=False)
     except KeyboardInterrupt:
@@ -74,6 +76,11 @@ def run_app(app: Callable[..., Any]) -> NoReturn:
     if code == 130:
         print(f"interrupted: {_interrupt_note[0]()}", file=sys.stderr)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+def _warning_line(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
+    """A library warning (a budget extended, a file skipped) as one ``warning:`` line on stderr."""
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def fail(message: str, code: int) -> NoReturn:

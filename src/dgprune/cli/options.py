@@ -126,9 +126,12 @@ class RunOptions(OptionGroup):
     seed: Annotated[int | None, typer.Option(help="Training seed (split, batches, init).")] = None
     device: Annotated[str | None, typer.Option(help="cpu, cuda or auto (cuda when present).")] = None
 
-    def new_run(self, data: DataOptions, **flags: Any) -> tuple[RunConfig, MultiDomainDataset | None]:
-        """pretrain / prune: defaults <- --config <- --set <- these flags and ``flags``
-        (``section__field=value``, None: not given); the target by --test-env too."""
+    def new_run(
+        self, data: DataOptions, base: dict[str, Any] | None = None, **flags: Any
+    ) -> tuple[RunConfig, MultiDomainDataset | None]:
+        """pretrain / prune: defaults <- ``base`` (prune: the pretrained model's settings) <- --config <-
+        --set <- these flags and ``flags`` (``section__field=value``, None: not given); the target by
+        --test-env too."""
         nested: dict[str, Any] = {
             "target": self.target,
             "seed": self.seed,
@@ -141,7 +144,7 @@ class RunOptions(OptionGroup):
                 nested.setdefault(section, {})[field] = value
             else:
                 nested[section] = value
-        cfg = build_config(self.config, nested, sets=self.set_values)
+        cfg = build_config(self.config, nested, base=base, sets=self.set_values)
         return apply_test_env(cfg, self.test_env, self.target)
 
     def saved_model(self, model_dir: Path, data: DataOptions) -> tuple[RunConfig, MultiDomainDataset | None]:

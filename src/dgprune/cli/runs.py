@@ -21,6 +21,7 @@ from dgprune.cli.options import (
     RunOptions,
     TensorBoardOpt,
     model_dir_option,
+    quiet_option,
     with_option_groups,
 )
 from dgprune.cli.output import console, describe_record, print_json, print_plain, print_table
@@ -28,7 +29,20 @@ from dgprune.cli.runtime import progress, tensorboard_run
 from dgprune.data import MultiDomainDataset
 from dgprune.errors import ConfigError
 from dgprune.experiments.config import RunConfig, dump_config
-from dgprune.experiments.pipeline import load_model_dir, make_context, run_pretrain, run_prune
+from dgprune.experiments.deploy import (
+    DEFAULT_CALIBRATION_IMAGES,
+    export_int8,
+    load_onnx_for,
+    require_onnxruntime,
+)
+from dgprune.experiments.pipeline import (
+    check_pretrained_match,
+    load_model_dir,
+    make_context,
+    pretrained_settings,
+    run_pretrain,
+    run_prune,
+)
 from dgprune.experiments.records import ResultRecord, write_records
 from dgprune.pruning.criteria import CRITERIA
 from dgprune.pruning.surgery import export_onnx, saved_input_shape
@@ -55,16 +69,18 @@ class StageOptions(OptionGroup):
         their directories bound) into ``out``; write and print its record."""
         tensorboard_dir = tensorboard_run(self.tensorboard, out)  # checked before the data are loaded
         ctx = make_context(config, dataset)
-        record = stage(
-            ctx, progress=progress(self.quiet), overwrite=self.overwrite, tensorboard_dir=tensorboard_dir
-        )
+        # A pruning run that sees the target's images says so on every progress line.
+        access = config.prune.target_access if getattr(stage, "func", None) is run_prune else "none"
+        shown = progress(self.quiet, "" if access == "none" else f"[{access} target] ")
+        record = stage(ctx, progress=shown, overwrite=self.overwrite, tensorboard_dir=tensorboard_dir)
         write_records(out / "results.json", [record])
-        console.print(describe_record(record))
+        print_plain(describe_record(record))  # plain: "[unlabeled target]" is no markup
 
 
 ModelDirOpt = model_dir_option("A dgprune model directory.")
 AnalyzedModelDirOpt = model_dir_option("A dgprune model directory (dense or pruned).")
 HistoryModelDirOpt = model_dir_option("A model directory with a history.jsonl.")
+AnalyzeQuietOpt = quiet_option("Print only warnings and the file written (summary and table are in it).")
 
 
 @with_option_groups
@@ -137,7 +153,21 @@ def prune(
             "score mass) or per_layer (each layer rounded alone; see docs/benchmarks.md §4)."
         ),
     ] = None,
+    max_layer_prune: Annotated[
+        float | None,
+        typer.Option(
+            help="Most share of any one layer's channels pruned, e.g. 0.9 (default: no limit, as the "
+            "paper; the global ranking can empty the widest layers: docs/method.md)."
+        ),
+    ] = None,
     steps: Annotated[int | None, typer.Option(help="Fine-tuning steps in all.")] = None,
+    target_access: Annotated[
+        str | None,
+        typer.Option(
+            help="none (default: the plain DG protocol) or unlabeled: the target's images, never its "
+            "labels, go to the criteria that need them (dss, target_entropy; docs/criteria.md)."
+        ),
+    ] = None,
     *,
     stage: StageOptions,
 ) -> None:
@@ -145,6 +175,7 @@ def prune(
     on_interrupt(stage_note("pruning", out))
     cfg, dataset = run.new_run(
         data,
+        base=pretrained_settings(pretrained),
         prune__criterion=criterion,
         prune__keep_ratio=keep_ratio,
         prune__criterion_params=_criterion_params(criterion_param),
@@ -153,8 +184,11 @@ def prune(
         prune__finetune_algorithm=finetune_algorithm,
         prune__round_to=round_to,
         prune__round_mode=round_mode,
+        prune__max_layer_prune=max_layer_prune,
         prune__steps=steps,
+        prune__target_access=target_access,
     )
+    check_pretrained_match(cfg, pretrained)  # before the data are loaded (run_prune checks it too)
     stage.run(out, cfg, dataset, functools.partial(run_prune, pretrained_dir=pretrained, out_dir=out))
 
 
@@ -183,9 +217,17 @@ def evaluate_cmd(
         int,
         typer.Option(min=1, help="Also time forward passes of this batch size (batch 1 is always timed)."),
     ] = 1,
+    onnx: Annotated[
+        Path | None,
+        typer.Option(
+            help="Evaluate this exported ONNX file (fp32 or int8, `dgprune export`) under ONNX Runtime on "
+            "the CPU instead of the saved model; --model still gives the data, target and split."
+        ),
+    ] = None,
 ) -> None:
     """Intra-, cross- and per-domain accuracy of a saved (dense or compressed) model, its parameters,
-    MACs (batch 1) and measured latency (median of 20 eval-mode forwards, in ms), as JSON.
+    MACs (batch 1) and measured latency (median of 20 eval-mode forwards, in ms), as JSON. With --onnx,
+    the same of the exported file as ONNX Runtime runs it (its size in bytes instead of params / MACs).
 
     Settings not given by flags or --config (target, data, seed) come from the model directory's
     run.json (or config.yaml).
@@ -195,11 +237,18 @@ def evaluate_cmd(
 
     cfg, dataset = run.saved_model(model_dir, data)
     ctx = make_context(cfg, dataset)
-    model = ctx.load_model_dir(model_dir)
-    acc = evaluate(model, ctx.split, ctx.device)
-    cost = model_cost(model, ctx.example_input)
+    model: torch.nn.Module
+    if onnx is None:
+        model, device, runtime = ctx.load_model_dir(model_dir), ctx.device, "torch"
+        cost = model_cost(model, ctx.example_input)
+        size: dict[str, Any] = {"params": cost.params, "macs": cost.macs}
+    else:  # the shipped file itself, through the same evaluation code
+        shape, classes = ctx.dataset.input_shape, ctx.dataset.num_classes
+        model, device, runtime = load_onnx_for(onnx, shape, classes), torch.device("cpu"), "onnxruntime"
+        size = {"onnx": str(onnx), "onnx_bytes": onnx.stat().st_size}
+    acc = evaluate(model, ctx.split, device)
     # Times depend on the machine and its load: compare models measured in the same conditions.
-    example = ctx.example_input
+    example = torch.zeros(1, *ctx.dataset.input_shape, device=device)
     latency = {
         f"batch_{b}": measure_latency_ms(model, example.expand(b, *example.shape[1:]))
         for b in sorted({1, latency_batch})
@@ -211,10 +260,12 @@ def evaluate_cmd(
             "cross_acc": acc.cross,
             "worst_source_acc": acc.worst_source,
             "per_domain_acc": acc.per_domain,
-            "params": cost.params,
-            "macs": cost.macs,
+            "per_domain_split": acc.per_domain_split,
+            "domain_split_acc": acc.splits,
+            **size,
             "latency_ms": latency,
-            "latency_device": str(ctx.device),
+            "latency_runtime": runtime,
+            "latency_device": str(device),
             "latency_threads": torch.get_num_threads(),
         }
     )
@@ -231,6 +282,7 @@ def analyze_cmd(
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Images per domain in the fixed batches.")] = 64,
     out: Annotated[Path, typer.Option(help="JSON file to write.")] = Path("analysis.json"),
+    quiet: AnalyzeQuietOpt = False,
 ) -> None:
     """Does any source signal predict out-of-distribution importance? Measures, per channel, how much
     the target risk rises when it is removed (the target oracle) and compares every criterion and
@@ -242,10 +294,14 @@ def analyze_cmd(
 
     cfg, _ = run.saved_model(model_dir, data)
     report = analysis.analyze_model(model_dir, cfg, channels, batch_size)
-    for line in analysis.summary_lines(report):
-        print_plain(line)
-    table = Table(list(analysis.TABLE_HEADER), analysis.table_rows(report.result))
-    print_table(table, "Out-of-distribution importance: agreement with the target oracle")
+    if quiet:
+        for warning in report.warnings:
+            print_plain(f"warning: {warning}")
+    else:
+        for line in analysis.summary_lines(report):
+            print_plain(line)
+        table = Table(list(analysis.TABLE_HEADER), analysis.table_rows(report.result))
+        print_table(table, "Out-of-distribution importance: agreement with the target oracle")
     analysis.write_report(report, out)
     print_plain(f"analysis: {out}  ({report.wall_time_s:.0f} s)")
 
@@ -261,14 +317,37 @@ def plot_cmd(
     print_plain(f"wrote {plot_model_dir(model_dir, out)}")
 
 
+@with_option_groups
 def export_cmd(
     model_dir: ModelDirOpt,
     out: Annotated[Path, typer.Option(help="ONNX file to write.")],
+    run: RunOptions,
+    data: DataOptions,
+    int8: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also write an int8 ONNX file here: ONNX Runtime static quantisation, calibrated on "
+            "source-domain train images only (the data, target and seed of --model's run unless the "
+            "run flags say otherwise)."
+        ),
+    ] = None,
+    calibration_images: Annotated[
+        int, typer.Option(min=1, help="With --int8: how many source train images calibrate it.")
+    ] = DEFAULT_CALIBRATION_IMAGES,
 ) -> None:
-    """Export a saved (dense or compressed) model to ONNX (dynamic batch size)."""
+    """Export a saved (dense or compressed) model to ONNX (dynamic batch size), and with --int8 an
+    int8 copy of it (evaluate either with `dgprune evaluate --model DIR --onnx FILE`)."""
+    if int8 is not None and int8.resolve() == out.resolve():
+        raise ConfigError(f"--int8 {int8}: the same file as --out; give the int8 model its own name")
+    if int8 is not None:  # checked before anything is written
+        cfg, dataset = run.saved_model(model_dir, data)
+        require_onnxruntime()
     model = load_model_dir(model_dir)
     example = torch.zeros(1, *saved_input_shape(model_dir))
     console.print(f"wrote {export_onnx(model, out, example)}")
+    if int8 is not None:
+        calibrated = export_int8(out, int8, cfg, calibration_images, dataset)
+        print_plain(f"wrote {int8} (int8; calibrated on {calibrated.describe()})")
 
 
 def config_cmd(

@@ -20,11 +20,19 @@ from typing import Any
 
 import torch
 import yaml
+from pydantic import ValidationError
 from torch import nn
 
-from dgprune.data import LodoSplit, MultiDomainDataset, load_dataset, make_lodo_split, probe_batch
+from dgprune.data import (
+    RESULT_NEUTRAL_OPTIONS,
+    LodoSplit,
+    MultiDomainDataset,
+    load_dataset,
+    make_lodo_split,
+    probe_batch,
+)
 from dgprune.errors import ConfigError
-from dgprune.experiments.config import RunConfig, build_config, dump_config
+from dgprune.experiments.config import RunConfig, build_config, dump_config, load_yaml
 from dgprune.experiments.records import ResultRecord, write_json_atomic
 from dgprune.models import build_model
 from dgprune.pruning.groups import find_channel_groups
@@ -36,10 +44,11 @@ from dgprune.pruning.surgery import (
     load_compressed,
     save_compressed,
 )
+from dgprune.training.adabn import adabn_cross_accuracy
 from dgprune.training.checkpoint import CHECKPOINT_FILE, Checkpointer
 from dgprune.training.evaluation import evaluate
 from dgprune.training.history import HISTORY_FILE, StageLog
-from dgprune.training.identity import Identity, mismatch_error, same_run
+from dgprune.training.identity import Identity, differences, mismatch_error, same_run
 from dgprune.training.pretrain import pretrain
 from dgprune.training.progress import ProgressCallback
 from dgprune.training.prune_finetune import prune_and_finetune
@@ -97,8 +106,9 @@ class RunContext:
         return load_model_dir(directory, torch.zeros(1, *self.dataset.input_shape)).to(self.device)
 
 
-def load_model_dir(directory: Path, example_input: torch.Tensor | None = None) -> nn.Module:
+def load_model_dir(directory: str | os.PathLike[str], example_input: torch.Tensor | None = None) -> nn.Module:
     """A model saved by a dgprune stage (dense or compressed), with a clear error if it is not one."""
+    directory = Path(directory)
     if not directory.is_dir():
         raise ConfigError(f"{directory}: no such model directory")
     if not (directory / STRUCTURE_FILE).is_file():
@@ -161,7 +171,11 @@ def _record(
     started: float,
     diff: float | None = None,
     variance_share: float | None = None,
+    steps_run: int | None = None,
+    adabn: tuple[float | None, float | None] = (None, None),
 ) -> ResultRecord:
+    """``adabn``: (pruned, dense) cross-domain accuracy after AdaBN (training/adabn.py), measured by
+    ``run_prune`` under ``prune.target_access: unlabeled``."""
     acc = evaluate(model, ctx.split, ctx.device)
     cost = model_cost(model, ctx.example_input)
     cfg = ctx.config
@@ -177,6 +191,8 @@ def _record(
         intra_acc=acc.intra,
         cross_acc=acc.cross,
         per_domain_acc=acc.per_domain,
+        per_domain_split=acc.per_domain_split,
+        domain_split_acc=acc.splits,
         worst_source_acc=acc.worst_source,
         filters_total=filters[0],
         filters_kept=filters[1],
@@ -192,6 +208,10 @@ def _record(
         variance_term_share=variance_share,
         finetune_algorithm=None if criterion == "none" else cfg.prune.finetune_algorithm,
         skipped_images=len(ctx.dataset.skipped_files),
+        steps_run=steps_run,
+        target_access="none" if criterion == "none" else cfg.prune.target_access,
+        cross_acc_adabn=adabn[0],
+        dense_cross_acc_adabn=adabn[1],
     )
 
 
@@ -220,29 +240,88 @@ _MODEL_DIR_KEYS = ("data", "target", "seed", "model")
 _MODEL_DIR_PRUNE_KEYS = ("scope", "bn_mode")
 
 
-def model_dir_settings(model_dir: Path) -> dict[str, Any]:
-    """The settings a model directory records about its data, target, seed and model (and the
-    pruning scope and BatchNorm mode): from run.json (a finished stage), else config.yaml (a stage
-    that has started), else at least the target of metrics.json (directories of older versions)."""
+def stored_settings(model_dir: Path) -> dict[str, Any]:
+    """The settings a model directory records: from run.json (a finished stage), else config.yaml (a
+    stage that has started), else at least the target of metrics.json (directories of older
+    versions); {} when it records none."""
     settings: Any = None
     if (model_dir / RUN_FILE).is_file():
         stored = _read_json(model_dir / RUN_FILE)
         settings = stored.get("config") if isinstance(stored, dict) else None
     elif (model_dir / CONFIG_FILE).is_file():
         try:
-            settings = yaml.safe_load((model_dir / CONFIG_FILE).read_text())
+            settings = load_yaml((model_dir / CONFIG_FILE).read_text(), str(model_dir / CONFIG_FILE))
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
             raise ConfigError(f"{model_dir / CONFIG_FILE}: unreadable ({err})") from None
     elif (model_dir / METRICS_FILE).is_file():
         stored = _read_json(model_dir / METRICS_FILE)
         target = stored.get("target_domain") if isinstance(stored, dict) else None
         return {"target": target} if target is not None else {}
-    if not isinstance(settings, dict):
-        return {}
+    return settings if isinstance(settings, dict) else {}
+
+
+def model_dir_settings(model_dir: Path) -> dict[str, Any]:
+    """The settings a model directory records about its data, target, seed and model (and the
+    pruning scope and BatchNorm mode), see :func:`stored_settings`."""
+    settings = stored_settings(model_dir)
     base = {k: settings[k] for k in _MODEL_DIR_KEYS if k in settings}
     prune = settings.get("prune") if isinstance(settings.get("prune"), dict) else {}
     base["prune"] = {k: prune[k] for k in _MODEL_DIR_PRUNE_KEYS if k in prune}
     return base
+
+
+def pretrained_settings(pretrained_dir: Path) -> dict[str, Any]:
+    """What a pruning run inherits from the model it prunes: every recorded setting but the pruning
+    ones and the device (the settings its ``pretrain_id`` hashes): data and its options, target,
+    seed, model, pretraining."""
+    settings = stored_settings(pretrained_dir)
+    return {k: v for k, v in settings.items() if k not in ("prune", "device")}
+
+
+def check_pretrained_match(config: RunConfig, pretrained_dir: Path) -> None:
+    """ConfigError unless ``config`` describes the model in ``pretrained_dir``: the same data (up to
+    options that do not change results, such as its root), target, seed, model and pretraining, as
+    recorded there, and the architecture of its structure.json. So a pruned model's record, config.yaml
+    and tables never describe another model than the one pruned."""
+    stored = pretrained_settings(pretrained_dir)
+    found: list[str] = []
+    if stored:
+        try:
+            recorded = RunConfig.model_validate({**stored, "prune": config.prune.model_dump()})
+        except (ValidationError, ConfigError):
+            recorded = None  # settings of an older version: only the architecture can be checked
+        if recorded is not None:
+            found = differences(
+                {"config": _inherited_identity(recorded)},
+                {"config": _inherited_identity(config)},
+                labels=("pretrained", "this run"),
+            )
+    # structure.json names the architecture even where no settings are recorded
+    build = _read_structure(pretrained_dir).get("build", {})
+    saved = {k: build[k] for k in ("name", "small_input") if k in build}
+    now = {k: getattr(config.model, k) for k in saved}
+    named = {line.partition(":")[0] for line in found}
+    for line in differences(
+        {"config": {"model": saved}}, {"config": {"model": now}}, labels=("pretrained", "this run")
+    ):
+        if line.partition(":")[0] not in named:
+            found.append(line)
+    if found:
+        raise ConfigError(
+            f"--pretrained {pretrained_dir} was trained with other settings than this run ("
+            + "; ".join(found)
+            + "); drop the flags or --set items that change them (prune takes them from the pretrained "
+            "model), or prune a model pretrained with these settings"
+        )
+
+
+def _inherited_identity(config: RunConfig) -> dict[str, Any]:
+    """The settings a pruning run must share with its pretrained model, as the pretrain id sees them."""
+    payload = config.model_dump(mode="json", exclude={"device", "prune"})
+    options = payload["data"]["options"]
+    payload["data"]["options"] = {k: v for k, v in options.items() if k not in RESULT_NEUTRAL_OPTIONS}
+    return payload
+
 
 
 def model_dir_config(
@@ -310,7 +389,18 @@ def run_pretrain(
     save_compressed(out_dir, model, {}, ctx.build_spec(), ctx.dataset.input_shape)
     total = sum(g.size for g in find_channel_groups(model, ctx.example_input, ctx.config.prune.scope))
     cost = model_cost(model, ctx.example_input)
-    record = _record(ctx, model, out_dir, "none", 1.0, (total, total), cost, outcome.best_step, started)
+    record = _record(
+        ctx,
+        model,
+        out_dir,
+        "none",
+        1.0,
+        (total, total),
+        cost,
+        outcome.best_step,
+        started,
+        steps_run=ctx.config.pretrain.steps,
+    )
     _finish(out_dir, record, identity)
     return record
 
@@ -331,6 +421,7 @@ def run_prune(
     """
     if out_dir.resolve() == pretrained_dir.resolve():
         raise ConfigError(f"--out {out_dir} is the pretrained model's directory; choose another --out")
+    check_pretrained_match(ctx.config, pretrained_dir)
     identity = prune_identity(ctx.config, pretrained_dir)
     if (done := _prepare_stage(out_dir, identity, overwrite)) is not None:
         return done
@@ -361,6 +452,13 @@ def run_prune(
     structure = _read_structure(pretrained_dir)
     save_compressed(out_dir, model, pruned, structure["build"], ctx.dataset.input_shape)
     filters = (outcome.filters_total, outcome.filters_kept)
+    adabn: tuple[float | None, float | None] = (None, None)
+    if settings.target_access == "unlabeled":  # the transductive baseline, beside the transductive run
+        dense = ctx.load_model_dir(pretrained_dir)
+        adabn = (
+            adabn_cross_accuracy(model, ctx.split.target, ctx.device),
+            adabn_cross_accuracy(dense, ctx.split.target, ctx.device),
+        )
     record = _record(
         ctx,
         model,
@@ -373,7 +471,11 @@ def run_prune(
         started,
         diff,
         outcome.variance_term_share,
+        steps_run=outcome.steps_run,
+        adabn=adabn,
     )
+    if outcome.steps_run != settings.steps:  # the settings file says what ran, and stays a valid --config
+        _write_config(out_dir, ctx.config, exclude={"device"}, note=_extended_note(settings.steps, outcome))
     _finish(out_dir, record, identity)
     return record
 
@@ -433,10 +535,18 @@ def _clear_stage(out_dir: Path) -> None:
         raise ConfigError(f"--overwrite: cannot delete {err.filename}: {err.strerror}") from None
 
 
-def _write_config(out_dir: Path, config: RunConfig, exclude: set[str]) -> None:
+def _write_config(out_dir: Path, config: RunConfig, exclude: set[str], note: str = "") -> None:
     tmp = out_dir / f"{CONFIG_FILE}.tmp"
-    tmp.write_text(dump_config(config, exclude=exclude))
+    tmp.write_text(note + dump_config(config, exclude=exclude))
     tmp.replace(out_dir / CONFIG_FILE)
+
+
+def _extended_note(requested: int, outcome: Any) -> str:
+    """config.yaml's first lines when pruning ran more steps than prune.steps (the id keeps the setting)."""
+    return (
+        f"# prune.steps {requested} was too few to reach the target filters: {outcome.steps_run} steps ran\n"
+        f"# (steps_run in metrics.json); this file as --config reproduces this run\n"
+    )
 
 
 def _finish(out_dir: Path, record: ResultRecord, identity: Identity) -> None:
@@ -462,4 +572,11 @@ def _read_record(path: Path) -> ResultRecord:
 
 
 def _read_structure(directory: Path) -> dict:
-    return json.loads((directory / STRUCTURE_FILE).read_text())
+    if not directory.is_dir():
+        raise ConfigError(f"{directory}: no such model directory")
+    if not (directory / STRUCTURE_FILE).is_file():
+        raise ConfigError(f"{directory}: not a dgprune model directory (no {STRUCTURE_FILE})")
+    structure = _read_json(directory / STRUCTURE_FILE)
+    if not isinstance(structure, dict):
+        raise ConfigError(f"{directory / STRUCTURE_FILE}: not a dgprune structure file (not a JSON object)")
+    return structure

@@ -53,7 +53,43 @@ class ResultRecord:
     # The criterion's validated parameters, defaults included ({} for the dense model and for criteria
     # without parameters); name a run with pruning.criteria.criterion_label(criterion, criterion_params).
     criterion_params: dict[str, Any] = field(default_factory=dict)
+    # Steps the stage ran: prune.steps, or more when pruning needed more to reach the target (a warning
+    # says so); None in records of older versions.
+    steps_run: int | None = None
     versions: dict[str, str] = field(default_factory=library_versions)
+    # Which split each number of per_domain_acc comes from: "val" (a source's val split) or "target"
+    # (the whole target domain); a record of an older dgprune gets it from target_domain (same meaning).
+    per_domain_split: dict[str, str] = field(default_factory=dict)
+    # Every domain's accuracy per split, as history.jsonl's "acc" (training.evaluation.Evaluator):
+    # sources "train" (a fixed sample of the train split) and "val", the target "target" (whole),
+    # "target_val" and "target_test" (its two parts); older records: per_domain_acc's numbers only.
+    domain_split_acc: dict[str, dict[str, float]] = field(default_factory=dict)
+    # What of the target the run saw (prune.target_access): "none" (the DG protocol; the dense model and
+    # records of older versions) or "unlabeled" (its images, never its labels, went to the criterion).
+    target_access: str = "none"
+    # Cross-domain accuracy after AdaBN (BatchNorm statistics re-estimated on the target's images, Li et
+    # al. 2016; training/adabn.py), measured for the runs under prune.target_access unlabeled of
+    # BatchNorm models; None otherwise.
+    cross_acc_adabn: float | None = None
+    dense_cross_acc_adabn: float | None = None  # the same for the dense model it was pruned from
+
+    @property
+    def label(self) -> str:
+        """The criterion's label, marked when the run saw the target's images (criterion_label)."""
+        return criterion_label(self.criterion, self.criterion_params, target_access=self.target_access)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.per_domain_acc, dict):  # a damaged row: its readers name it, not this
+            return
+        if not self.per_domain_split:
+            self.per_domain_split = {
+                name: "target" if name == self.target_domain else "val" for name in self.per_domain_acc
+            }
+        if not self.domain_split_acc:
+            self.domain_split_acc = {
+                name: {self.per_domain_split.get(name, "val"): acc}
+                for name, acc in self.per_domain_acc.items()
+            }
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -100,14 +136,13 @@ def describe_run(
     criterion_params: dict[str, Any] | None,
     keep_ratio: float | None,
     finetune_algorithm: str | None,
+    target_access: str = "none",
 ) -> str:
     """A run by its settings, as the sweep's lines show it: ``target 0 seed 1 erm taylor keep 0.5``
-    (``dense`` for the pretrained model; `` ft coral`` when fine-tuned with another objective)."""
-    what = (
-        "dense"
-        if criterion == "none"
-        else f"{criterion_label(criterion, criterion_params)} keep {keep_ratio:g}"
-    )
+    (``dense`` for the pretrained model; `` ft coral`` when fine-tuned with another objective;
+    ``[unlabeled target]`` after the criterion when the run saw the target's images)."""
+    label = criterion_label(criterion, criterion_params, target_access=target_access)
+    what = "dense" if criterion == "none" else f"{label} keep {keep_ratio:g}"
     if finetune_algorithm not in (None, "erm"):
         what += f" ft {finetune_algorithm}"
     return f"target {target} seed {seed} {algorithm} {what}"

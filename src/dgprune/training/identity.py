@@ -28,28 +28,34 @@ def _key(identity: Identity) -> Identity:
     return {k: v for k, v in identity.items() if k not in _DESCRIPTIVE}
 
 
-def differences(stored: Identity, current: Identity) -> list[str]:
-    """``field: old (stored) vs new (now)`` for every differing id and dotted setting."""
+def differences(
+    stored: Identity, current: Identity, labels: tuple[str, str] = ("stored", "now")
+) -> list[str]:
+    """``field: old (stored) vs new (now)`` for every differing id and dotted setting (``labels``: the
+    words in brackets)."""
     found = []
+    old, new = labels
     for key, label in (("stage", "stage"), ("pretrained", "pretrained model")):
         if stored.get(key) != current.get(key):
-            found.append(f"{label}: {_show(stored.get(key))} (stored) vs {_show(current.get(key))} (now)")
-    found += _dotted_differences(stored.get("config") or {}, current.get("config") or {})
+            found.append(f"{label}: {_show(stored.get(key))} ({old}) vs {_show(current.get(key))} ({new})")
+    found += _dotted_differences(stored.get("config") or {}, current.get("config") or {}, labels=labels)
     if not found and stored.get("run_id") != current.get("run_id"):  # e.g. a results version bump
         found.append(f"run id: {stored.get('run_id')} (stored) vs {current.get('run_id')} (now)")
     return found
 
 
-def _dotted_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+def _dotted_differences(
+    old: Any, new: Any, prefix: str = "", labels: tuple[str, str] = ("stored", "now")
+) -> list[str]:
     if isinstance(old, dict) and isinstance(new, dict):
         found = []
         for key in sorted(set(old) | set(new), key=str):
             where = f"{prefix}.{key}" if prefix else str(key)
-            found += _dotted_differences(old.get(key, _UNSET), new.get(key, _UNSET), where)
+            found += _dotted_differences(old.get(key, _UNSET), new.get(key, _UNSET), where, labels)
         return found
     if old == new:
         return []
-    return [f"{prefix}: {_show(old)} (stored) vs {_show(new)} (now)"]
+    return [f"{prefix}: {_show(old)} ({labels[0]}) vs {_show(new)} ({labels[1]})"]
 
 
 class _Unset:

@@ -4,16 +4,22 @@ Every step forwards one mini-batch per source domain (each on its own, or as one
 ``bn_mode``, see pruning.scoring), backpropagates ``mean_i R_i`` (the ERM fine-tuning loss of the
 paper), scores all alive channels with the criterion, and steps SGD. A criterion that needs them
 (``ior_val``) also gets per-domain gate gradients of one source-validation mini-batch per domain,
-which never reach the parameters' gradients.
+which never reach the parameters' gradients. A criterion scored per pruning event (``dss``,
+``dss_sources``, ``target_entropy``: ``CriterionSpec.scored``) is scored only at the steps that prune,
+from fixed images (``EventImages``; the target's only under ``prune.target_access: unlabeled``).
 The schedule removes channels every ``interval`` steps until ``keep_ratio`` of them remain;
 fine-tuning goes on afterwards. The reported model is the checkpoint with the best intra-domain
 validation accuracy among those that already have the target number of filters.
+A criterion with trainable parameters of its own (``learned_masks``) instead trains them for its K
+steps first (training.criterion_learning), prunes once to the target by their scores, and
+fine-tunes for ``steps`` more (steps K + 1 ... K + steps).
 """
 
 from __future__ import annotations
 
 import copy
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -21,8 +27,17 @@ import torch
 from torch import nn
 
 from dgprune.algorithms import Algorithm, default_hparams, make_algorithm
-from dgprune.data import Domain, DomainBatches, LodoSplit
-from dgprune.pruning.criteria import ScoreInputs, make_criterion, variance_term_share
+from dgprune.data import Domain, DomainBatches, LodoSplit, image_sample
+from dgprune.errors import ConfigError
+from dgprune.pruning.criteria import (
+    Criterion,
+    LearnerContext,
+    ParameterLearner,
+    ScoreInputs,
+    make_criterion,
+    variance_term_share,
+)
+from dgprune.pruning.event_inputs import event_score_inputs
 from dgprune.pruning.gates import GateSet
 from dgprune.pruning.groups import find_channel_groups
 from dgprune.pruning.oracle import loss_changes
@@ -30,8 +45,9 @@ from dgprune.pruning.schedule import PruningSchedule
 from dgprune.pruning.scoring import gate_gradients, per_domain_forward_backward
 from dgprune.pruning.weight_stats import weight_statistics
 from dgprune.training.checkpoint import Checkpointer, rng_state, set_rng_state
+from dgprune.training.criterion_learning import is_learning_checkpoint, learn_criterion
 from dgprune.training.divergence import DivergenceGuard
-from dgprune.training.evaluation import intra_accuracy
+from dgprune.training.evaluation import Evaluator
 from dgprune.training.identity import Identity
 from dgprune.training.progress import ProgressCallback, ProgressEvent
 from dgprune.training.settings import PruneSettings
@@ -93,6 +109,7 @@ def prune_and_finetune(
         settings.ema,
         settings.round_to,
         settings.round_mode,
+        settings.max_layer_prune,
     )
     optimizer = torch.optim.SGD(
         model.parameters(), lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
@@ -103,14 +120,26 @@ def prune_and_finetune(
         val_batches = _validation_batches(split, settings.batch_size, seed)
     algorithm = finetune_algorithm(model, len(split.train), settings, seed)
     objective = algorithm.objective if algorithm is not None else None
-    total_steps = max(settings.steps, schedule.steps_to_target() + 1)
+    event_images = EventImages.for_criterion(criterion, split, settings, seed, device)
+    check_reachable(schedule, settings)
+    learner = _learner(criterion, model, gates, settings, seed)  # None but for learned_masks
+    total_steps = planned_steps(schedule, settings) if learner is None else learner.steps + settings.steps
     best_val, best_step, best_state = -1.0, 0, None
     history: list[dict[str, float]] = []
     shares: list[float] = []
     checkpointer = Checkpointer(checkpoint_dir, checkpoint_every, checkpoint_identity)
     guard = DivergenceGuard("prune", settings.lr, checkpointer)
-    start = 1
-    if (saved := checkpointer.load()) is not None:
+    evaluator = Evaluator(split, device)
+    saved, stage_started = checkpointer.load(), time.monotonic()
+    if learner is not None and (saved is None or is_learning_checkpoint(saved)):
+        # Steps 1..K train the criterion's own parameters, then one pruning step to the target.
+        scores = learn_criterion(
+            learner, batches, gates, device, checkpointer, total_steps, saved, progress, log_every
+        )
+        gates.prune(schedule.prune_at_once(scores))
+        saved = None
+    start = 1 if learner is None else learner.steps + 1
+    if saved is not None:
         gates.set_alive(saved["alive"].to(gates.alive[0].device))
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
@@ -129,7 +158,7 @@ def prune_and_finetune(
     model.train()
     domain_names = [d.name for d in split.train]
     alive = gates.num_alive()  # changes only when channels are removed: counted then, not every step
-    started = time.monotonic()
+    started = stage_started  # the stage's clock runs on from the criterion's training, if any
     for step in range(start, total_steps + 1):
         minibatches = [(x.to(device), y.to(device)) for x, y in batches.next()]
         optimizer.zero_grad(set_to_none=True)
@@ -145,9 +174,16 @@ def prune_and_finetune(
                 held_out = [(x.to(device), y.to(device)) for x, y in val_batches.next()]
                 val_risks, val_grads = gate_gradients(model, gates, held_out, settings.bn_mode)
                 inputs = replace(inputs, val_domain_grads=val_grads, val_risks=val_risks)
-            scores = criterion.score(inputs)
-            guard.check_tensor(step, "pruning scores", scores)  # NaN would rank channels by position
-            schedule.observe(scores)
+            if event_images is None:
+                scores = criterion.score(inputs)
+                guard.check_tensor(step, "pruning scores", scores)  # NaN would rank channels by position
+                schedule.observe(scores)
+            else:  # scored once per pruning event, at the weights before this step's update
+                scores = None
+                if schedule.event_due:
+                    scores = criterion.score(event_images.inputs(criterion, model, gates, inputs))
+                    guard.check_tensor(step, "pruning scores", scores)
+                schedule.observe_event(scores)
             share = variance_term_share(criterion, inputs)
             shares.append(share)
         optimizer.step()
@@ -159,10 +195,11 @@ def prune_and_finetune(
             reached_now = schedule.done
         at_target = schedule.done
         evaluate_now = at_target and (reached_now or step % settings.eval_every == 0 or step == total_steps)
-        val = None
+        val = acc = None
         if evaluate_now:
             guard.check_weights(step, model)  # never select a diverged model
-            val = intra_accuracy(model, split, device)
+            acc = evaluator(model)
+            val = acc.intra  # selection: source val only; the other splits are only logged
             history.append({"step": step, "loss": out.loss, "val_acc": val, "alive": alive})
             if val > best_val:
                 best_val, best_step = val, step
@@ -180,6 +217,7 @@ def prune_and_finetune(
                     time.monotonic() - started,
                     risks=dict(zip(domain_names, out.risks.tolist(), strict=True)),
                     variance_share=share,
+                    domain_acc=acc.splits if acc is not None else None,
                 )
             )
         if checkpointer.due(step):
@@ -210,6 +248,83 @@ def prune_and_finetune(
     model.load_state_dict(best_state)
     share = sum(shares) / len(shares) if shares else 0.0
     return PruneOutcome(gates, best_state, best_val, best_step, total_steps, history, share)
+
+
+def check_reachable(schedule: PruningSchedule, settings: PruneSettings) -> None:
+    """ConfigError before any training when the floors of ``round_to`` (no group below it, a group
+    narrower than it never pruned) keep more channels than the target: the run would silently keep
+    more filters than ``keep_ratio`` says."""
+    if schedule.fewest_reachable <= schedule.target:
+        return
+    sizes = schedule.group_sizes
+    usable = [q for q in range(1, settings.round_to) if sum(min(q, n) for n in sizes) <= schedule.target]
+    hint = f"use prune.round_to {max(usable)} or less" if usable else "use a larger keep_ratio"
+    raise ConfigError(
+        f"prune.round_to {settings.round_to}: no layer goes below {settings.round_to} channels (a narrower "
+        f"one is kept whole), so at least {schedule.fewest_reachable} of {schedule.total} filters remain, "
+        f"more than the {schedule.target} that keep_ratio {settings.keep_ratio:g} asks for; {hint}"
+    )
+
+
+def planned_steps(schedule: PruningSchedule, settings: PruneSettings) -> int:
+    """``settings.steps``, or more when the schedule needs more to reach the target (``interval``
+    steps per pruning step of at most ``max_per_step`` filters, then one step at the target);
+    an extension is announced (a warning: one line on the command line)."""
+    needed = schedule.steps_to_target() + 1
+    if settings.steps >= needed:
+        return settings.steps
+    warnings.warn(
+        f"prune.steps {settings.steps} cannot reach {schedule.target} of {schedule.total} filters "
+        f"(keep_ratio {settings.keep_ratio:g}, a pruning step every {settings.interval} steps removing "
+        f"at most {settings.max_per_step}): running {needed} steps (recorded as steps_run)",
+        StepsExtendedWarning,
+        stacklevel=2,
+    )
+    return needed
+
+
+class StepsExtendedWarning(UserWarning):
+    """prune.steps was too few to reach the target and the run was extended."""
+
+
+def _learner(
+    criterion: Criterion, model: nn.Module, gates: GateSet, settings: PruneSettings, seed: int
+) -> ParameterLearner | None:
+    """The criterion's own trainable parameters (CriterionSpec.learner), or None."""
+    if criterion.learner is None:
+        return None
+    return criterion.learner(LearnerContext(model, gates, settings.keep_ratio, settings.bn_mode, seed))
+
+
+@dataclass(frozen=True)
+class EventImages:
+    """The fixed images a criterion scored per pruning event is measured on: ``images`` (its parameter)
+    of each source's train split and, only when it needs them and ``prune.target_access`` is
+    ``unlabeled``, of the target; drawn once (seeded), evaluation transform. The target's labels are
+    never read (``data.image_sample``)."""
+
+    sources: list[torch.Tensor]
+    target: torch.Tensor | None
+
+    @classmethod
+    def for_criterion(
+        cls, criterion: Criterion, split: LodoSplit, settings: PruneSettings, seed: int, device: torch.device
+    ) -> EventImages | None:
+        if criterion.scored != "per_pruning_event":
+            return None
+        count = int(criterion.params["images"])
+        sources = [image_sample(domain, count, seed).to(device) for domain in split.train]
+        target = None
+        if criterion.needs_target_images:
+            if settings.target_access != "unlabeled":  # settings validation refuses this first
+                raise ConfigError(f"criterion {criterion.name} needs prune.target_access unlabeled")
+            target = image_sample(split.target, count, seed).to(device)
+        return cls(sources, target)
+
+    def inputs(
+        self, criterion: Criterion, model: nn.Module, gates: GateSet, base: ScoreInputs
+    ) -> ScoreInputs:
+        return event_score_inputs(criterion, model, gates, self.sources, self.target, base)
 
 
 def _validation_batches(split: LodoSplit, batch_size: int, seed: int) -> DomainBatches:

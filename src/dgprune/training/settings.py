@@ -19,9 +19,28 @@ from dgprune.pruning.criteria import (
 from dgprune.pruning.schedule import RoundMode
 from dgprune.pruning.scoring import BnMode
 
+# What of the target domain a run may see (docs/criteria.md, "The unlabeled-target setting").
+TargetAccess = Literal["none", "unlabeled"]
+TARGET_ACCESS: tuple[str, ...] = ("none", "unlabeled")
+
+
+# Upper bounds (docs/experiments.md, "Limits"): far beyond any real run but finite, so that a typo or a
+# hostile value (steps: 1e26, lr: 1e39) is one error line here, not a run "for 8e24 s" or a float32
+# overflow inside the optimiser (Adam's first step is 10 x lr; float32 ends at 3.4e38).
+MAX_COUNT = 10**9  # steps, batch sizes, intervals
+MAX_RATE = 1e6  # learning rates and weight decays
+MAX_SEED = 2**63 - 1  # seeds: int64 (SQLite, torch); not negative (NumPy's generators refuse them)
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a misspelt key is an error, not silently ignored
+
+
+def _check_hparams_seed(hparams: dict[str, Any], where: str) -> None:
+    """An algorithm's ``seed`` hyper-parameter (Mixup's NumPy generator) is a seed like the run's."""
+    seed = hparams.get("seed")
+    if seed is not None and (type(seed) is not int or not 0 <= seed <= MAX_SEED):
+        raise ConfigError(f"{where}.seed must be a whole number between 0 and {MAX_SEED}, got {seed!r}")
 
 
 def _known_algorithm(value: str) -> str:
@@ -42,15 +61,25 @@ class PretrainSettings(_Strict):
     hparams: dict[str, float | int | None] = Field(
         default_factory=dict, description="the algorithm's own hyper-parameters (see docs/algorithms.md)"
     )
-    steps: int = Field(5000, ge=1, description="training steps (one mini-batch per source domain each)")
+    steps: int = Field(
+        5000, ge=1, le=MAX_COUNT, description="training steps (one mini-batch per source domain each)"
+    )
     batch_size: int = Field(
-        64, ge=1, description="mini-batch size per source domain (default by data kind: mnist 64, image 32)"
+        64,
+        ge=1,
+        le=MAX_COUNT,
+        description="mini-batch size per source domain (default by data kind: mnist 64, image 32)",
     )
     lr: float = Field(
-        1e-3, gt=0, description="Adam learning rate (default by data kind: mnist 1e-3, image 5e-5)"
+        1e-3,
+        gt=0,
+        le=MAX_RATE,
+        description="Adam learning rate (default by data kind: mnist 1e-3, image 5e-5)",
     )
-    weight_decay: float = Field(0.0, ge=0, description="Adam's weight decay (default 0)")
-    eval_every: int = Field(100, ge=1, description="steps between intra-domain validations (checkpoints)")
+    weight_decay: float = Field(0.0, ge=0, le=MAX_RATE, description="Adam's weight decay (default 0)")
+    eval_every: int = Field(
+        100, ge=1, le=MAX_COUNT, description="steps between intra-domain validations (checkpoints)"
+    )
 
     @field_validator("algorithm")
     @classmethod
@@ -71,6 +100,7 @@ class PretrainSettings(_Strict):
                 f"pretrain.hparams: unknown hyper-parameter {unknown[0]!r} for algorithm {self.algorithm!r}; "
                 f"valid: {', '.join(valid)}"
             )
+        _check_hparams_seed(self.hparams, "pretrain.hparams")
         return self
 
     def with_defaults_for(self, data_kind: DataKind) -> PretrainSettings:
@@ -102,12 +132,18 @@ class PruneSettings(_Strict):
         "mixed normalises over all sources (as pretraining; N extra gate backward passes)",
     )
     keep_ratio: float = Field(0.5, gt=0, le=1, description="share of prunable filters that remain")
+    target_access: TargetAccess = Field(
+        "none",
+        description="none: the plain DG protocol, nothing of the target; unlabeled: the target's images "
+        "(never its labels) are given to the criteria that need them (dss, target_entropy)",
+    )
     scope: Literal["all", "internal"] = Field("all", description="all: also residual-coupled channels")
-    interval: int = Field(30, ge=1, description="mini-batches between pruning steps")
-    max_per_step: int = Field(100, ge=1, description="most filters removed per pruning step")
+    interval: int = Field(30, ge=1, le=MAX_COUNT, description="mini-batches between pruning steps")
+    max_per_step: int = Field(100, ge=1, le=MAX_COUNT, description="most filters removed per pruning step")
     round_to: int = Field(
         1,
         ge=1,
+        le=MAX_COUNT,
         description="make each layer's final width a multiple of this (8: faster convolutions); "
         "filters kept may then differ slightly from keep_ratio",
     )
@@ -116,17 +152,27 @@ class PruneSettings(_Strict):
         description="how round_to picks the widths: budget (the total nearest the target, blocks of "
         "round_to channels chosen by score mass across layers) or per_layer (each layer rounded alone)",
     )
+    max_layer_prune: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="most share of any one layer's channels that may be pruned, e.g. 0.9 (null or 1: no "
+        "limit, as the paper's global ranking); keeps the ranking from emptying the widest layers",
+    )
     ema: float = Field(0.9, ge=0, lt=1, description="momentum of the score moving average across intervals")
     steps: int = Field(
         3000,
         ge=1,
+        le=MAX_COUNT,
         description="fine-tuning steps in all (extended if pruning needs more to reach the target)",
     )
-    batch_size: int = Field(64, ge=1, description="mini-batch size per source domain")
-    lr: float = Field(1e-3, gt=0, description="SGD learning rate")
+    batch_size: int = Field(64, ge=1, le=MAX_COUNT, description="mini-batch size per source domain")
+    lr: float = Field(1e-3, gt=0, le=MAX_RATE, description="SGD learning rate")
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
-    weight_decay: float = Field(0.0, ge=0)
-    eval_every: int = Field(100, ge=1, description="steps between validations once at the target")
+    weight_decay: float = Field(0.0, ge=0, le=MAX_RATE)
+    eval_every: int = Field(
+        100, ge=1, le=MAX_COUNT, description="steps between validations once at the target"
+    )
 
     @field_validator("criterion")
     @classmethod
@@ -183,6 +229,24 @@ class PruneSettings(_Strict):
         data = {k: v for k, v in data.items() if k != "alpha"}
         data["criterion_params"] = params
         return data
+
+    @model_validator(mode="after")
+    def _check_target_access(self) -> PruneSettings:
+        """A criterion that reads the target's images is refused under the plain protocol, before any
+        training (the mode is opt-in: it changes what the run may see)."""
+        spec = REGISTRY[self.criterion]
+        if spec.needs_target_images and self.target_access == "none":
+            raise ConfigError(
+                f"prune.criterion {self.criterion} reads the target domain's images (unlabeled), which "
+                "prune.target_access none forbids; set prune.target_access unlabeled "
+                "(--target-access unlabeled)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_finetune_seed(self) -> PruneSettings:
+        _check_hparams_seed(self.finetune_hparams, "prune.finetune_hparams")
+        return self
 
     @model_validator(mode="after")
     def _check_criterion_params(self) -> PruneSettings:
