@@ -261,3 +261,19 @@ def test_per_source_table_in_console_report_and_csv(swept):
             assert csv_row[f"{d} val se"] == "" and csv_row[f"{d} val n"] == "1"  # one seed: no ±
         worst = min(per_domain[d] for d in DOMAINS[1:])
         assert float(csv_row["worst source"]) == pytest.approx(100 * worst)
+
+
+def test_model_selection_rules_from_the_histories(swept):
+    """Issue 17.5: each record's target test half at the source-val checkpoint and at the test-domain
+    oracle's (best target_val half), recomputed from history.jsonl, for the dense and pruned runs."""
+    root, rows, _ = swept
+    assert {row["criterion"] for row in rows} == {"none", "taylor", "ior"}
+    for row in rows:
+        history = read_history(root / row["model_dir"] / "history.jsonl")
+        evaluated = [r for r in history if "val_acc" in r]
+        halves = {r["step"]: r["acc"]["0"] for r in evaluated}
+        assert row["cross_test_acc"] == halves[row["selected_step"]]["target_test"]
+        best_val = max(h["target_val"] for h in halves.values())
+        first_best = min(step for step, h in halves.items() if h["target_val"] == best_val)
+        assert row["oracle_step"] == first_best
+        assert row["oracle_cross_test_acc"] == halves[first_best]["target_test"]

@@ -157,3 +157,16 @@ def test_colored_digits_seeded_and_errors(colored) -> None:
         load_colored_digits(environments=(0.1, 1.5))
     with pytest.raises(ConfigError, match="duplicate domain names"):
         load_colored_digits(environments=(0.1, 0.1))
+
+
+def test_styled_digits_without_some_styles_is_named_apart():
+    """A leave-one-source-out run (the true target left out) must not share table cells with the
+    full benchmark's runs: its dataset name says which styles are missing."""
+    assert (
+        load_styled_digits(["noisy", "blurred", "inverted", "edges", "thick"]).name
+        == "styled_digits-no-clean"
+    )
+    assert (
+        load_styled_digits(["thick", "clean"]).name
+        == "styled_digits-no-noisy-no-blurred-no-inverted-no-edges"
+    )

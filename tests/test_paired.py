@@ -6,10 +6,13 @@ import math
 import pytest
 
 from dgprune.experiments.records import ResultRecord
-from dgprune.report.paired import holm, paired_comparisons, paired_table
+from dgprune.report.export import write_report
+from dgprune.report.paired import dense_comparisons, holm, paired_comparisons, paired_table
 
 
-def _record(criterion: str, seed: int, target: str, cross: float, intra: float = 0.9, keep: float = 0.5):
+def _record(
+    criterion: str, seed: int, target: str, cross: float, intra: float = 0.9, keep: float = 0.5, **extra
+):
     return ResultRecord(
         dataset="d",
         target_domain=target,
@@ -32,7 +35,8 @@ def _record(criterion: str, seed: int, target: str, cross: float, intra: float =
         selected_step=1,
         model_dir="",
         wall_time_s=0.0,
-        finetune_algorithm="erm",
+        finetune_algorithm=None if criterion == "none" else "erm",
+        **extra,
     )
 
 
@@ -88,3 +92,41 @@ def test_verdicts_and_table():
 def test_holm_matches_hand_computation():
     # sorted: 0.01 (x3 -> 0.03), 0.02 (x2 -> 0.04), 0.04 (x1 -> 0.04, monotone); NaN kept.
     assert holm([0.04, 0.01, math.nan, 0.02]) == pytest.approx([0.04, 0.03, math.nan, 0.04], nan_ok=True)
+
+
+def test_against_the_dense_model_pairs_each_run_with_the_model_it_pruned():
+    dense = {(0, "a"): 0.50, (1, "a"): 0.60, (0, "b"): 0.70}
+    records = [_record("none", s, t, v, keep=1.0) for (s, t), v in dense.items()]
+    gain = {(0, "a"): 0.02, (1, "a"): -0.01, (0, "b"): 0.04}
+    records += [_record("dss", s, t, dense[(s, t)] + gain[(s, t)]) for (s, t) in dense]
+    records += [_record("dss", 5, "a", 0.99)]  # its dense model is not among the records: no pair
+    (c,) = dense_comparisons(records, label=lambda r: r.criterion)
+    assert (c.challenger, c.baseline, c.setting[-1]) == ("dss", "dense", 0.5)
+    assert c.differences == pytest.approx([100 * gain[k] for k in sorted(gain)])
+
+
+def test_study_report_has_the_dense_and_model_selection_sections(tmp_path):
+    records = []
+    for seed in range(3):
+        records.append(
+            _record("none", seed, "a", 0.80, keep=1.0, cross_test_acc=0.8, oracle_cross_test_acc=0.9)
+        )
+        for name, cross, oracle in (
+            ("taylor", 0.70, 0.75),
+            ("ior", 0.71, 0.74),
+            ("dss", 0.72 + seed / 100, 0.8),
+        ):
+            records.append(
+                _record(name, seed, "a", cross, cross_test_acc=cross, oracle_cross_test_acc=oracle)
+            )
+    report = write_report(records, tmp_path, formats=("md", "csv"), plots=False)
+    stems = [s.stem for s in report.sections]
+    assert {"paired_vs_taylor", "paired_vs_dense", "paired_vs_taylor_selection"} <= set(stems)
+    selection = next(s.table for s in report.sections if s.stem == "paired_vs_taylor_selection")
+    dss = next(row for row in selection.rows if row[2] == "dss")
+    assert dss[4] == "+3.00" and dss[9] == "+5.00"  # source-val selection, then the oracle's
+    versus_dense = next(s.table for s in report.sections if s.stem == "paired_vs_dense")
+    assert {row[2] for row in versus_dense.rows} == {"taylor", "ior", "dss"}
+    taylor = next(row for row in versus_dense.rows if row[2] == "taylor")
+    assert taylor[4] == "-10.00"
+    assert (tmp_path / "paired_vs_dense.csv").is_file()

@@ -128,7 +128,14 @@ def load_styled_digits(styles: Sequence[str] = DEFAULT_STYLES, seed: int = 0) ->
     for style, idx in zip(styles, _deal(len(images), len(styles), generator), strict=True):
         x = STYLES[style](images[idx], generator).clamp(0.0, 1.0)
         domains.append(Domain(style, x.contiguous(), labels[idx]))
-    return MultiDomainDataset("styled_digits", domains, [str(c) for c in range(10)])
+    return MultiDomainDataset(_styled_name(styles), domains, [str(c) for c in range(10)])
+
+
+def _styled_name(styles: list[str]) -> str:
+    """``styled_digits``, or ``styled_digits-no-<style>...`` when default styles are left out (e.g. a
+    leave-one-source-out validation run without the true target): tables keep those runs apart."""
+    missing = [s for s in DEFAULT_STYLES if s not in styles]
+    return "-".join(["styled_digits", *(f"no-{s}" for s in missing)])
 
 
 # ---------------------------------------------------------------- colour

@@ -49,6 +49,7 @@ from dgprune.training.checkpoint import CHECKPOINT_FILE, Checkpointer
 from dgprune.training.evaluation import evaluate
 from dgprune.training.history import HISTORY_FILE, StageLog
 from dgprune.training.identity import Identity, differences, mismatch_error, same_run
+from dgprune.training.oracle_selection import TestHalfAccuracies, test_half_accuracies
 from dgprune.training.pretrain import pretrain
 from dgprune.training.progress import ProgressCallback
 from dgprune.training.prune_finetune import prune_and_finetune
@@ -173,6 +174,7 @@ def _record(
     variance_share: float | None = None,
     steps_run: int | None = None,
     adabn: tuple[float | None, float | None] = (None, None),
+    halves: TestHalfAccuracies | None = None,
 ) -> ResultRecord:
     """``adabn``: (pruned, dense) cross-domain accuracy after AdaBN (training/adabn.py), measured by
     ``run_prune`` under ``prune.target_access: unlabeled``."""
@@ -212,6 +214,9 @@ def _record(
         target_access="none" if criterion == "none" else cfg.prune.target_access,
         cross_acc_adabn=adabn[0],
         dense_cross_acc_adabn=adabn[1],
+        cross_test_acc=halves.selected if halves else None,
+        oracle_cross_test_acc=halves.oracle if halves else None,
+        oracle_step=halves.oracle_step if halves else None,
     )
 
 
@@ -400,6 +405,7 @@ def run_pretrain(
         outcome.best_step,
         started,
         steps_run=ctx.config.pretrain.steps,
+        halves=test_half_accuracies(outcome.history, outcome.best_step),
     )
     _finish(out_dir, record, identity)
     return record
@@ -473,6 +479,7 @@ def run_prune(
         outcome.variance_term_share,
         steps_run=outcome.steps_run,
         adabn=adabn,
+        halves=test_half_accuracies(outcome.history, outcome.best_step),
     )
     if outcome.steps_run != settings.steps:  # the settings file says what ran, and stays a valid --config
         _write_config(out_dir, ctx.config, exclude={"device"}, note=_extended_note(settings.steps, outcome))

@@ -72,6 +72,13 @@ class ResultRecord:
     # BatchNorm models; None otherwise.
     cross_acc_adabn: float | None = None
     dense_cross_acc_adabn: float | None = None  # the same for the dense model it was pruned from
+    # Model selection as DomainBed reports it (training/oracle_selection.py): the target's test half at
+    # the checkpoint selected on source validation, and at the one a test-domain oracle would select
+    # (best target_val half: reads target labels, an upper bound for reporting only); None for a
+    # one-image target and records of older versions.
+    cross_test_acc: float | None = None
+    oracle_cross_test_acc: float | None = None
+    oracle_step: int | None = None
 
     @property
     def label(self) -> str:

@@ -15,7 +15,7 @@ from dgprune.errors import ConfigError
 from dgprune.experiments.records import ResultRecord
 from dgprune.report.cells import Stat
 from dgprune.report.flat import RUNS_FILE, write_runs_csv
-from dgprune.report.paired import PairedComparison, paired_comparisons, paired_table
+from dgprune.report.paired import PairedComparison, dense_comparisons, paired_comparisons, paired_table
 from dgprune.report.per_source import per_source_table
 from dgprune.report.selection import DrawSelection, select_draws_by_validation
 from dgprune.report.table1 import Table, table1
@@ -214,6 +214,37 @@ def _paired_dict(c: PairedComparison) -> dict[str, Any]:
         "verdict": c.verdict,
         "differences_points": c.differences,
     }
+
+
+def _study_sections(records: list[ResultRecord], report: SweepReport) -> list[ReportSection]:
+    """A criteria study's other views: every criterion against the dense model, and against Taylor-FO
+    under the two model-selection rules (DomainBed's training-domain validation vs test-domain
+    oracle) on the target's test half."""
+    sections = []
+    cross = dense_comparisons(records, _label)
+    if cross:
+        intra = dense_comparisons(records, _label, metric="intra_acc")
+        report.paired += cross + intra
+        title = (
+            "Every criterion against the dense model it pruned (pruned − dense, same seed and target): "
+            "mean difference in points, 95% CI, Wilcoxon p (Holm over the criteria of a row group)"
+        )
+        sections.append(ReportSection(title, paired_table(cross, intra), "paired_vs_dense"))
+    selected = paired_comparisons(records, _label, metric="cross_test_acc")
+    oracle = paired_comparisons(records, _label, metric="oracle_cross_test_acc")
+    if selected and oracle:
+        report.paired += selected + oracle
+        title = (
+            "Every criterion against Taylor-FO on the target's test half, by model-selection rule: the "
+            "checkpoint chosen on the sources' validation split (what dgprune ships) and the one a "
+            "test-domain oracle would choose (best on the target's validation half: reads target labels, "
+            "an upper bound for reporting only)"
+        )
+        names = ("cross test half, source-val selection", "cross test half, oracle selection")
+        sections.append(
+            ReportSection(title, paired_table(selected, oracle, names), "paired_vs_taylor_selection")
+        )
+    return sections
 
 
 def _slug(*parts: str) -> str:
@@ -416,6 +447,7 @@ def write_report(
                 "their Taylor-FO baseline did not: a transductive method against a source-only one"
             )
         report.sections.append(ReportSection(title, paired_table(cross, intra), "paired_vs_taylor"))
+        report.sections += _study_sections(records, report)
     for section in report.sections:
         report.files += write_table(section.table, out_dir / section.stem, formats, section.title)
     if report.wins.comparisons:

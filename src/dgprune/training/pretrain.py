@@ -16,6 +16,7 @@ from dgprune.training.checkpoint import Checkpointer, rng_state, set_rng_state
 from dgprune.training.divergence import DivergenceGuard
 from dgprune.training.evaluation import Evaluator
 from dgprune.training.identity import Identity
+from dgprune.training.oracle_selection import target_halves
 from dgprune.training.progress import ProgressCallback, ProgressEvent
 from dgprune.training.settings import PretrainSettings
 
@@ -80,7 +81,7 @@ def pretrain(
             guard.check_weights(step, model)  # never select a diverged model
             acc = evaluator(model)
             val = acc.intra  # selection: source val only; the other splits are only logged
-            history.append({"step": step, "loss": losses["loss"], "val_acc": val})
+            history.append({"step": step, "loss": losses["loss"], "val_acc": val, **target_halves(acc)})
             if val > best_val:
                 best_val, best_step = val, step
                 best_state = copy.deepcopy(model.state_dict())

@@ -49,6 +49,7 @@ from dgprune.training.criterion_learning import is_learning_checkpoint, learn_cr
 from dgprune.training.divergence import DivergenceGuard
 from dgprune.training.evaluation import Evaluator
 from dgprune.training.identity import Identity
+from dgprune.training.oracle_selection import target_halves
 from dgprune.training.progress import ProgressCallback, ProgressEvent
 from dgprune.training.settings import PruneSettings
 
@@ -200,7 +201,8 @@ def prune_and_finetune(
             guard.check_weights(step, model)  # never select a diverged model
             acc = evaluator(model)
             val = acc.intra  # selection: source val only; the other splits are only logged
-            history.append({"step": step, "loss": out.loss, "val_acc": val, "alive": alive})
+            entry = {"step": step, "loss": out.loss, "val_acc": val, "alive": alive, **target_halves(acc)}
+            history.append(entry)
             if val > best_val:
                 best_val, best_step = val, step
                 best_state = copy.deepcopy(model.state_dict())
