@@ -1,0 +1,39 @@
+"""The methods_study preset (issue 17.4): what it runs, as docs/criteria.md describes it."""
+
+from collections import Counter
+from pathlib import Path
+
+from dgprune.experiments.sweep import load_sweep
+
+BENCHMARKS = {"rotated_digits": 6, "colored_digits": 3, "styled_digits": 6}  # targets each
+
+
+def _label(config) -> str:
+    sign = config.prune.criterion_params.get("sign")
+    return config.prune.criterion + ("" if sign is None else f"{sign:+d}")
+
+
+def test_powered_part_breadth_and_leave_one_source_out_runs(tmp_path: Path):
+    configs = load_sweep("methods_study", out=tmp_path).configs()
+    main = [c for c in configs if not c.data.options]
+    loso = [c for c in configs if c.data.options]
+    runs = Counter((c.data.name, c.prune.keep_ratio, _label(c), c.seed) for c in main)
+    for dataset, targets in BENCHMARKS.items():
+        for name in ["taylor", "ior", "dss_sources", "dss", "target_entropy+1"]:
+            for seed in range(6):  # the powered part: keep 50%, six seeds, every target
+                assert runs[(dataset, 0.5, name, seed)] == targets
+            for keep in (0.9, 0.3):  # breadth: two seeds
+                assert [runs[(dataset, keep, name, s)] for s in range(3)] == [targets, targets, 0]
+        for name in ["worst_domain", "taylor_disagreement", "learned_masks", "target_entropy-1"]:
+            assert [runs[(dataset, 0.5, name, s)] for s in range(3)] == [targets, targets, 0]
+    # The methods that read the target's images, and only they, run under the unlabeled mode.
+    for c in main:
+        transductive = c.prune.criterion in ("dss", "target_entropy")
+        assert c.prune.target_access == ("unlabeled" if transductive else "none")
+    # Leave-one-source-out: the true target (clean, inverted) left out, every other style in turn.
+    held_out = Counter((tuple(c.data.options["styles"]), c.target, _label(c)) for c in loso)
+    assert len(held_out) == 2 * 5 * 2 and set(held_out.values()) == {1}
+    assert {"clean", "inverted"} == {
+        ({"clean", "noisy", "blurred", "inverted", "edges", "thick"} - set(styles)).pop()
+        for styles, _, _ in held_out
+    }
