@@ -130,3 +130,25 @@ def test_study_report_has_the_dense_and_model_selection_sections(tmp_path):
     taylor = next(row for row in versus_dense.rows if row[2] == "taylor")
     assert taylor[4] == "-10.00"
     assert (tmp_path / "paired_vs_dense.csv").is_file()
+
+
+def test_transductive_runs_are_reported_beside_adabn(tmp_path):
+    records = [_record("none", seed, "a", 0.80, keep=1.0) for seed in range(2)]
+    records += [_record("taylor", seed, "a", 0.70) for seed in range(2)]
+    for seed, (cross, adabn, dense) in enumerate([(0.60, 0.70, 0.85), (0.64, 0.74, 0.87)]):
+        records.append(
+            _record(
+                "dss",
+                seed,
+                "a",
+                cross,
+                target_access="unlabeled",
+                cross_acc_adabn=adabn,
+                dense_cross_acc_adabn=dense,
+            )
+        )
+    report = write_report(records, tmp_path, formats=("md",), plots=False)
+    (table,) = [s.table for s in report.sections if s.stem == "adabn"]
+    assert table.rows == [
+        ["d", "m", "50%", "dss [unlabeled target]", "2", "62.00 ± 2.00", "72.00 ± 2.00", "86.00 ± 1.00"]
+    ]

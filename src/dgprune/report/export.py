@@ -13,6 +13,7 @@ from typing import Any
 
 from dgprune.errors import ConfigError
 from dgprune.experiments.records import ResultRecord
+from dgprune.report.adabn import adabn_table
 from dgprune.report.cells import Stat
 from dgprune.report.flat import RUNS_FILE, write_runs_csv
 from dgprune.report.paired import PairedComparison, dense_comparisons, paired_comparisons, paired_table
@@ -430,6 +431,13 @@ def write_report(
         )
         stem = _slug("per_source", dataset, model, algorithm)
         report.sections.append(ReportSection(title, per_source_table(group), stem))
+    if (transductive := adabn_table(records)) is not None:
+        title = (
+            "Runs that saw the target's images (prune.target_access unlabeled) beside AdaBN: cross-domain "
+            "accuracy (%) as pruned, after AdaBN, and the dense model's after AdaBN; mean ± standard error "
+            "over the (seed, target) runs"
+        )
+        report.sections.append(ReportSection(title, transductive, "adabn"))
     report.wins = count_wins(records)
     cross = paired_comparisons(records, _label)
     report.paired = list(cross)
