@@ -13,8 +13,8 @@ from dgprune.report.paired import dense_comparisons, holm, paired_comparisons, p
 def _record(
     criterion: str, seed: int, target: str, cross: float, intra: float = 0.9, keep: float = 0.5, **extra
 ):
+    extra.setdefault("dataset", "d")
     return ResultRecord(
-        dataset="d",
         target_domain=target,
         model="m",
         algorithm="erm",
@@ -151,4 +151,22 @@ def test_transductive_runs_are_reported_beside_adabn(tmp_path):
     (table,) = [s.table for s in report.sections if s.stem == "adabn"]
     assert table.rows == [
         ["d", "m", "50%", "dss [unlabeled target]", "2", "62.00 ± 2.00", "72.00 ± 2.00", "86.00 ± 1.00"]
+    ]
+
+
+def test_leave_one_source_out_choice_uses_only_pseudo_target_runs(tmp_path):
+    """The sign is chosen on runs with the true target left out (dataset "<name>-no-<target>"): the
+    higher mean pseudo-target accuracy wins, whatever the true target's runs say."""
+    records = []
+    for seed, pseudo in ((0, "x"), (0, "y"), (1, "x")):
+        for sign, acc in ((1, 0.70), (-1, 0.60 + 0.05 * seed)):  # sign +1: 70, 70, 70; -1: 60, 60, 65
+            params = {"sign": sign}
+            records.append(_record("te", seed, pseudo, acc, dataset="d-no-t", criterion_params=params))
+    records.append(_record("none", 0, "x", 0.9, keep=1.0, dataset="d-no-t"))
+    records += [_record("te", 0, "t", 0.99, criterion_params={"sign": -1}), _record("taylor", 0, "t", 0.5)]
+    report = write_report(records, tmp_path, formats=("md",), plots=False)
+    (table,) = [s.table for s in report.sections if s.stem == "loso_choice"]
+    assert [row[:4] + row[5:] for row in table.rows] == [
+        ["d", "t", "50%", "te (sign=-1)", "61.67 ± 1.67", ""],
+        ["d", "t", "50%", "te (sign=1)", "70.00 ± 0.00", "yes"],
     ]

@@ -16,6 +16,7 @@ from dgprune.experiments.records import ResultRecord
 from dgprune.report.adabn import adabn_table
 from dgprune.report.cells import Stat
 from dgprune.report.flat import RUNS_FILE, write_runs_csv
+from dgprune.report.loso import loso_table
 from dgprune.report.paired import PairedComparison, dense_comparisons, paired_comparisons, paired_table
 from dgprune.report.per_source import per_source_table
 from dgprune.report.selection import DrawSelection, select_draws_by_validation
@@ -438,6 +439,13 @@ def write_report(
             "over the (seed, target) runs"
         )
         report.sections.append(ReportSection(title, transductive, "adabn"))
+    if (loso := loso_table(records)) is not None:
+        title = (
+            "Leave-one-source-out validation: with the true target left out of the data, each other domain "
+            "in turn is the pseudo-target; each candidate's accuracy on it (%), mean ± standard error over "
+            "the (seed, pseudo-target) runs, and the candidate it chooses (no true-target label read)"
+        )
+        report.sections.append(ReportSection(title, loso, "loso_choice"))
     report.wins = count_wins(records)
     cross = paired_comparisons(records, _label)
     report.paired = list(cross)

@@ -1,0 +1,76 @@
+"""Leave-one-source-out validation (DomainBed's second model-selection method) of a criterion's
+parameter, e.g. ``target_entropy``'s sign: choose it without the true target's labels.
+
+The runs are ordinary runs on the benchmark with the true target left out entirely (a dataset named
+``<benchmark>-no-<target>``, e.g. ``styled_digits-no-clean``, see data/digit_styles.py): each of the
+remaining domains is in turn the pseudo-target, whose images the criterion may see and whose labels
+score the choice. For each (benchmark, true target, model, pretraining, keep ratio, criterion), the
+label (criterion + parameters) with the highest mean pseudo-target accuracy over every (seed,
+pseudo-target) run is chosen; the table lists every label's mean so the other choice is reported too.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from dgprune.experiments.records import ResultRecord
+from dgprune.report.cells import pct_stat, stat_text
+from dgprune.report.table1 import CellValue, Table
+
+LEFT_OUT = "-no-"
+
+
+def left_out_target(dataset: str) -> tuple[str, str] | None:
+    """(benchmark, true target) of a leave-one-source-out dataset name, None for any other name."""
+    base, sep, rest = dataset.partition(LEFT_OUT)
+    if not sep or LEFT_OUT in rest:  # one domain left out, no more
+        return None
+    return base, rest
+
+
+def loso_choices(records: list[ResultRecord]) -> dict[tuple, str]:
+    """(benchmark, true target, model, algorithm, keep ratio, criterion) -> the chosen label (on equal
+    means, the first label in alphabetical order)."""
+    chosen = {}
+    for key, by_label in _means(records).items():
+        chosen[key] = max(sorted(by_label), key=lambda label: by_label[label].mean)  # max keeps the first
+    return chosen
+
+
+def _means(records: list[ResultRecord]) -> dict[tuple, dict]:
+    groups: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        if r.criterion == "none" or (names := left_out_target(r.dataset)) is None:
+            continue
+        groups[(*names, r.model, r.algorithm, r.keep_ratio, r.criterion)][r.label].append(r.cross_acc)
+    return {
+        key: {label: pct_stat(values) for label, values in by_label.items()}
+        for key, by_label in groups.items()
+        if len(by_label) > 1  # nothing to choose between
+    }
+
+
+def loso_table(records: list[ResultRecord]) -> Table | None:
+    """One row per candidate label; None when the records hold no leave-one-source-out choice."""
+    means = _means(records)
+    if not means:
+        return None
+    chosen = loso_choices(records)
+    header = [
+        "Benchmark",
+        "True target (left out)",
+        "Keep",
+        "Candidate",
+        "runs",
+        "pseudo-target acc",
+        "chosen",
+    ]
+    rows: list[list[str]] = []
+    values: list[list[CellValue]] = []
+    for key in sorted(means, key=lambda k: (k[0], k[1], -k[4], k[5])):
+        benchmark, target, _model, _algorithm, keep, _criterion = key
+        for label, stat in sorted(means[key].items()):
+            mark = "yes" if chosen[key] == label else ""
+            rows.append([benchmark, target, f"{keep:.0%}", label, str(stat.n), stat_text(stat), mark])
+            values.append([None, None, None, None, None, stat, None])
+    return Table(header, rows, values)
