@@ -170,7 +170,8 @@ def test_cli_pretrain_config_set_flags_test_env_and_domainbed_names(tmp_path: Pa
     report = tmp_path / "analysis.json"
     analyzed = run_cli(
         "analyze", "--model", str(out), "--set", "device=cpu", "--test-env", "1", "--channels", "2",
-        "--batch-size", "4", "--out", str(report), timeout=120,
+        "--batch-size", "4", "--out", str(report), "--set", "prune.criterion=learned_masks",
+        "--set", "prune.criterion_params.mask_steps=5", timeout=120,
     )  # fmt: skip
     assert analyzed.returncode == 0, analyzed.stderr
     assert '"15"' in report.read_text()  # the target domain analysed: index 1 of 0, 15, ...
