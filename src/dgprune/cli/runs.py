@@ -44,6 +44,7 @@ from dgprune.experiments.pipeline import (
     run_prune,
 )
 from dgprune.experiments.records import ResultRecord, write_records
+from dgprune.pruning.budget import parse_budget
 from dgprune.pruning.criteria import CRITERIA
 from dgprune.pruning.surgery import export_onnx, saved_input_shape
 from dgprune.report.table1 import Table
@@ -161,6 +162,15 @@ def prune(
         ),
     ] = None,
     steps: Annotated[int | None, typer.Option(help="Fine-tuning steps in all.")] = None,
+    budget: Annotated[
+        str | None,
+        typer.Option(
+            metavar="METRIC=RATIO",
+            help="What the pruned model may cost, instead of --keep-ratio: latency=0.3, macs=0.5, params=0.4 "
+            "or filters=0.3 (= --keep-ratio 0.3). Latency is measured with torch, 1 thread, batch 1 unless "
+            "--set prune.budget.runtime=onnxruntime / .threads / .batch_size (docs/method.md, Budgets).",
+        ),
+    ] = None,
     target_access: Annotated[
         str | None,
         typer.Option(
@@ -185,6 +195,7 @@ def prune(
         prune__round_to=round_to,
         prune__round_mode=round_mode,
         prune__max_layer_prune=max_layer_prune,
+        prune__budget=parse_budget(budget) if budget is not None else None,
         prune__steps=steps,
         prune__target_access=target_access,
     )

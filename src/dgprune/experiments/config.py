@@ -104,6 +104,9 @@ class RunConfig(_Strict):
         # round_mode came with the budget rule; runs rounded before it used per_layer and keep their ids.
         if prune.get("round_to", 1) == 1 or prune.get("round_mode") == "per_layer":
             prune.pop("round_mode", None)
+        # The latency conditions mean nothing to a params or MACs budget (they are at their defaults there).
+        if isinstance(prune.get("budget"), dict) and prune["budget"].get("metric") != "latency":
+            prune["budget"] = {k: prune["budget"][k] for k in ("metric", "ratio")}
         # max_layer_prune 1 allows what no limit allows (the same runs): both keep the ids of before it.
         if prune.get("max_layer_prune") in (None, 1.0):
             prune.pop("max_layer_prune", None)
@@ -119,7 +122,12 @@ class RunConfig(_Strict):
         return payload
 
 
-_LATER_PRUNE_DEFAULTS: dict[str, Any] = {"round_to": 1, "bn_mode": "per_domain", "target_access": "none"}
+_LATER_PRUNE_DEFAULTS: dict[str, Any] = {
+    "round_to": 1,
+    "bn_mode": "per_domain",
+    "target_access": "none",
+    "budget": None,  # no budget: filters at keep_ratio (a filters budget is stored as keep_ratio)
+}
 
 # Bumped when a code change alters the results of an unchanged config, so that stale results on
 # disk are not reused under the same id. 2: Mixup draws from the run seed (was a fixed 0).

@@ -14,7 +14,7 @@ import json
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from dgprune.errors import ConfigError
 from dgprune.experiments.config import RunConfig, build_config, dump_config, load_yaml
 from dgprune.experiments.records import ResultRecord, write_json_atomic
 from dgprune.models import build_model
+from dgprune.pruning.budget import BudgetSettings, measured_ratio
 from dgprune.pruning.groups import find_channel_groups
 from dgprune.pruning.measure import model_cost
 from dgprune.pruning.surgery import (
@@ -481,10 +482,35 @@ def run_prune(
         adabn=adabn,
         halves=test_half_accuracies(outcome.history, outcome.best_step),
     )
+    if settings.budget is not None:
+        dense = ctx.load_model_dir(pretrained_dir)
+        record = with_budget(
+            record, settings.budget, outcome.budget_predicted, dense, model, ctx.example_input
+        )
     if outcome.steps_run != settings.steps:  # the settings file says what ran, and stays a valid --config
         _write_config(out_dir, ctx.config, exclude={"device"}, note=_extended_note(settings.steps, outcome))
     _finish(out_dir, record, identity)
     return record
+
+
+def with_budget(
+    record: ResultRecord,
+    budget: BudgetSettings,
+    predicted: float | None,
+    dense: nn.Module,
+    compressed: nn.Module,
+    example_input: torch.Tensor,
+) -> ResultRecord:
+    """``record`` with its budget: the metric, the ratio asked for (also as keep_ratio, the size the
+    run was asked for), the schedule's prediction and the ratio measured on the models."""
+    return replace(
+        record,
+        keep_ratio=budget.ratio,
+        budget_metric=budget.metric,
+        budget_target=budget.ratio,
+        budget_predicted=predicted,
+        budget_measured=measured_ratio(budget, dense.cpu(), compressed.cpu(), example_input.cpu()),
+    )
 
 
 def _prepare_stage(out_dir: Path, identity: Identity, overwrite: bool) -> ResultRecord | None:

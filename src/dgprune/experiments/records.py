@@ -79,6 +79,14 @@ class ResultRecord:
     cross_test_acc: float | None = None
     oracle_cross_test_acc: float | None = None
     oracle_step: int | None = None
+    # prune.budget (docs/method.md, Budgets): its metric ("filters" for keep_ratio runs, the dense model
+    # and older records), the ratio asked for (keep_ratio then holds it too), the ratio the schedule
+    # predicted for the final widths, and the ratio measured on the compressed model (params and conv /
+    # linear MACs counted, latency timed in the budget's conditions); None for filters.
+    budget_metric: str = "filters"
+    budget_target: float | None = None
+    budget_predicted: float | None = None
+    budget_measured: float | None = None
 
     @property
     def label(self) -> str:

@@ -43,6 +43,9 @@ class ChannelGroup:
     convs: tuple[MemberChannels, ...]  # convs whose *output* filters belong to the group
     norms: tuple[MemberChannels, ...]  # normalisation layers of the group
     residual: bool  # True when several convs feed the same channels (coupled by additions)
+    # convs and linear layers whose *input* channels are the group's (what a budget in params, MACs or
+    # latency prices: pruning/cost_model.py)
+    consumers: tuple[MemberChannels, ...] = ()
 
 
 def build_dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.DependencyGraph:
@@ -64,6 +67,10 @@ def build_dependency_graph(model: nn.Module, example_input: torch.Tensor) -> tp.
 def _is_out_channel_fn(graph: tp.DependencyGraph, handler: object) -> bool:
     # Handlers are bound methods: compare with ==, never `is`.
     return any(handler == fn for fn in graph._out_channel_pruning_fn)
+
+
+def _is_in_channel_fn(graph: tp.DependencyGraph, handler: object) -> bool:
+    return any(handler == fn for fn in graph._in_channel_pruning_fn)
 
 
 def find_channel_groups(
@@ -100,9 +107,16 @@ def _describe_group(graph: tp.DependencyGraph, tp_group, names: dict[nn.Module, 
     tp_group = graph.get_pruning_group(root_dep.target.module, root_dep.handler, list(range(size)))
     convs: list[MemberChannels] = []
     norms: list[MemberChannels] = []
+    consumers: list[MemberChannels] = []
     for item in tp_group.items:
         dep, idxs = item.dep, item.idxs
         module = dep.target.module
+        if (
+            module in names
+            and isinstance(module, nn.Conv2d | nn.Linear)
+            and _is_in_channel_fn(graph, dep.handler)
+        ):
+            consumers.append(MemberChannels(names[module], tuple(idxs)))
         if module not in names or not _is_out_channel_fn(graph, dep.handler):
             continue
         if len(idxs) != size:  # a member that sees only part of the group (e.g. a split): not gated
@@ -127,4 +141,5 @@ def _describe_group(graph: tp.DependencyGraph, tp_group, names: dict[nn.Module, 
         convs=tuple(convs),
         norms=tuple(norms),
         residual=len(convs) > 1,
+        consumers=tuple(consumers),
     )

@@ -36,7 +36,8 @@ that the limit makes unreachable is a ConfigError when the schedule is made, bef
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from collections.abc import Sequence
+from typing import Any, Literal, Protocol
 
 import torch
 
@@ -44,6 +45,12 @@ from dgprune.errors import ConfigError
 
 RoundMode = Literal["budget", "per_layer"]
 ROUND_MODES: tuple[str, ...] = ("budget", "per_layer")
+
+
+class WidthCost(Protocol):
+    """A model's cost (params, MACs, predicted latency) as a function of its groups' widths."""
+
+    def __call__(self, widths: Sequence[int]) -> float: ...
 
 
 def target_channels(total: int, keep_ratio: float, num_groups: int) -> int:
@@ -81,6 +88,8 @@ class PruningSchedule:
         round_to: int = 1,
         round_mode: RoundMode = "budget",
         max_layer_prune: float | None = None,
+        cost: WidthCost | None = None,
+        budget_ratio: float = 1.0,
     ) -> None:
         if interval < 1 or max_per_step < 1 or round_to < 1 or not 0.0 <= momentum < 1.0:
             raise ValueError("interval, max_per_step and round_to must be >= 1 and momentum in [0, 1)")
@@ -104,7 +113,14 @@ class PruningSchedule:
         # Fewest channels a group may keep: 1, or with rounding q (its size if narrower), or more
         # under max_layer_prune.
         self._floor = group_floors(self.group_sizes, round_to, max_layer_prune)
-        self._check_limit_reachable(keep_ratio)
+        self.cost = cost
+        self.budget_ratio = budget_ratio
+        if cost is None:
+            self._check_limit_reachable(keep_ratio)
+        else:  # the budget, not a channel count, ends the pruning: only the floors stop it otherwise
+            self.dense_cost = float(cost(self.group_sizes))
+            self.target = sum(self._floor)
+            self._check_budget_reachable()
         self.alive = torch.ones(self.total, dtype=torch.bool)
         self.ema: torch.Tensor | None = None
         self._sum = torch.zeros(self.total, dtype=torch.float64)
@@ -153,6 +169,30 @@ class PruningSchedule:
             f"asks for; use max_layer_prune {least_share:g} or more, or keep_ratio {least_keep:g} or more"
         )
 
+    def widths(self) -> list[int]:
+        """Alive channels per group."""
+        return torch.bincount(self.group_of[self.alive], minlength=len(self.group_sizes)).tolist()
+
+    @property
+    def predicted_ratio(self) -> float | None:
+        """The cost of the current widths over the dense cost (None without a cost)."""
+        if self.cost is None:
+            return None
+        return float(self.cost(self.widths())) / self.dense_cost
+
+    def _check_budget_reachable(self) -> None:
+        least = float(self.cost(self._floor)) / self.dense_cost  # type: ignore[misc]
+        if least <= self.budget_ratio + 1e-12:
+            return
+        limits = f"round_to {self.round_to}" + (
+            f", max_layer_prune {self.max_layer_prune:g}" if self.max_layer_prune is not None else ""
+        )
+        raise ConfigError(
+            f"prune.budget ratio {self.budget_ratio:g}: the narrowest widths the schedule may reach "
+            f"({limits}) still cost {least:.4f} of the dense model; ask for "
+            f"{math.ceil(least * 1000) / 1000:g} or more, or lower round_to / max_layer_prune"
+        )
+
     def steps_to_target(self) -> int:
         """Mini-batches needed from now until the target is reached."""
         if self.done:
@@ -193,7 +233,9 @@ class PruningSchedule:
             self.ema = interval_mean
         else:
             self.ema = self.momentum * self.ema + (1.0 - self.momentum) * interval_mean
-        if self.round_to > 1 and self.round_mode == "budget":
+        if self.cost is not None:
+            chosen = self._cost_step(self.ema)
+        elif self.round_to > 1 and self.round_mode == "budget":
             chosen = self._budget_step(self.ema)
         else:
             budget = min(self.max_per_step, self.num_alive - self.target)
@@ -231,6 +273,50 @@ class PruningSchedule:
             # the floors of q stop the pruning above the target: this step becomes the last
         self.finished = True
         return self._budget_rounded(scores)
+
+    def _cost_step(self, scores: torch.Tensor) -> torch.Tensor:
+        """A step of the cost-aware rule (module docstring): greedy over blocks by score sum per unit
+        of cost saved at the current widths, until the budget, the step's cap or the floors."""
+        assert self.cost is not None
+        q = self.round_to
+        widths = self.widths()
+        shifted = scores - scores[self.alive].min()  # importance >= 0: a ratio to a saving means something
+        ranked = []
+        for group in range(len(widths)):
+            alive_now = torch.nonzero(self.alive & (self.group_of == group)).flatten()
+            ranked.append(alive_now[torch.argsort(shifted[alive_now], stable=True)].tolist())
+        taken = [0] * len(widths)  # channels taken from the front of each group's ranking
+        goal = self.budget_ratio * self.dense_cost
+        current = float(self.cost(widths))
+        chosen: list[int] = []
+        while current > goal + 1e-12 * self.dense_cost:
+            best: tuple[float, int, int, float] | None = None  # (score per saving, group, new width, cost)
+            for group, width in enumerate(widths):
+                narrower = q * ((width - 1) // q)  # the next multiple of q below (width - 1 when q is 1)
+                if narrower < self._floor[group]:
+                    continue
+                trial = list(widths)
+                trial[group] = narrower
+                after = float(self.cost(trial))
+                saving = current - after
+                if saving <= 0:
+                    continue  # removing these channels saves nothing: never worth their importance
+                block = ranked[group][taken[group] : taken[group] + width - narrower]
+                value = float(shifted[block].sum()) / saving
+                if best is None or value < best[0]:
+                    best = (value, group, narrower, after)
+            if best is None:  # the floors (or blocks that save nothing) stop it above the budget
+                break
+            _, group, narrower, after = best
+            size = widths[group] - narrower
+            if chosen and len(chosen) + size > self.max_per_step:
+                return torch.tensor(sorted(chosen), dtype=torch.long)  # this step's cap: more next step
+            chosen += ranked[group][taken[group] : taken[group] + size]
+            taken[group] += size
+            widths[group] = narrower
+            current = after
+        self.finished = True
+        return torch.tensor(sorted(chosen), dtype=torch.long)
 
     def _rounded(self, chosen: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """Replace the last step's choice: per group, keep the best ``width`` alive channels, where

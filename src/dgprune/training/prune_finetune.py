@@ -29,6 +29,7 @@ from torch import nn
 from dgprune.algorithms import Algorithm, default_hparams, make_algorithm
 from dgprune.data import Domain, DomainBatches, LodoSplit, image_sample
 from dgprune.errors import ConfigError
+from dgprune.pruning.budget import budget_cost
 from dgprune.pruning.criteria import (
     Criterion,
     LearnerContext,
@@ -41,7 +42,7 @@ from dgprune.pruning.event_inputs import event_score_inputs
 from dgprune.pruning.gates import GateSet
 from dgprune.pruning.groups import find_channel_groups
 from dgprune.pruning.oracle import loss_changes
-from dgprune.pruning.schedule import PruningSchedule
+from dgprune.pruning.schedule import PruningSchedule, group_floors
 from dgprune.pruning.scoring import gate_gradients, per_domain_forward_backward
 from dgprune.pruning.weight_stats import weight_statistics
 from dgprune.training.checkpoint import Checkpointer, rng_state, set_rng_state
@@ -66,6 +67,9 @@ class PruneOutcome:
     # for criteria without one, alpha*sum((dVar/dg)^2) / sum(IoR score) at alpha 1): how much IoR's variance
     # term weighs against the Taylor term (0 means IoR would rank exactly as Taylor does).
     variance_term_share: float = 0.0
+    # prune.budget (params, macs, latency): the cost of the final widths over the dense cost, as the
+    # schedule predicted it (PruningSchedule.predicted_ratio); None for the filters budget.
+    budget_predicted: float | None = None
 
     @property
     def filters_total(self) -> int:
@@ -100,6 +104,9 @@ def prune_and_finetune(
     """
     torch.manual_seed(seed)
     groups = find_channel_groups(model, example_input.to(device), scope=settings.scope)
+    floors = group_floors([g.size for g in groups], settings.round_to, settings.max_layer_prune)
+    # before the gates: a latency table measures the bare dense model (or reads its cache)
+    cost = budget_cost(settings.budget, model, groups, example_input.to(device), settings.round_to, floors)
     gates = GateSet(model, groups).attach()
     criterion = make_criterion(settings.criterion, settings.criterion_params, seed=seed)
     schedule = PruningSchedule(
@@ -111,6 +118,8 @@ def prune_and_finetune(
         settings.round_to,
         settings.round_mode,
         settings.max_layer_prune,
+        cost=cost,
+        budget_ratio=settings.budget.ratio if cost is not None else 1.0,  # type: ignore[union-attr]
     )
     optimizer = torch.optim.SGD(
         model.parameters(), lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
@@ -249,7 +258,10 @@ def prune_and_finetune(
     assert best_state is not None  # total_steps guarantees at least one evaluation at the target
     model.load_state_dict(best_state)
     share = sum(shares) / len(shares) if shares else 0.0
-    return PruneOutcome(gates, best_state, best_val, best_step, total_steps, history, share)
+    return PruneOutcome(
+        gates, best_state, best_val, best_step, total_steps, history, share,
+        budget_predicted=schedule.predicted_ratio,
+    )  # fmt: skip
 
 
 def check_reachable(schedule: PruningSchedule, settings: PruneSettings) -> None:

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from dgprune.algorithms import ALGORITHMS, OPTIMISER_KEYS, DataKind, default_hparams, optimiser_defaults
 from dgprune.errors import ConfigError
 from dgprune.names import SPELLING_NOTE, canonical_name
+from dgprune.pruning.budget import BudgetSettings
 from dgprune.pruning.criteria import (
     CRITERIA,
     REGISTRY,
@@ -159,6 +160,13 @@ class PruneSettings(_Strict):
         description="most share of any one layer's channels that may be pruned, e.g. 0.9 (null or 1: no "
         "limit, as the paper's global ranking); keeps the ranking from emptying the widest layers",
     )
+    budget: BudgetSettings | None = Field(
+        None,
+        description="what the pruned model may cost, in the user's units: {metric: params | macs | "
+        "latency, ratio: 0.3} (or 'latency=0.3'), for latency also runtime (torch | onnxruntime), threads, "
+        "batch_size; null: filters at keep_ratio (filters=R is keep_ratio R). With a budget keep_ratio "
+        "stays at its default (docs/method.md, Budgets)",
+    )
     ema: float = Field(0.9, ge=0, lt=1, description="momentum of the score moving average across intervals")
     steps: int = Field(
         3000,
@@ -244,6 +252,27 @@ class PruneSettings(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _check_budget(self) -> PruneSettings:
+        """``filters=R`` is ``keep_ratio: R`` (the same run, the same id); another budget replaces
+        keep_ratio, which must then stay at its default: two sizes of the pruned model are one error."""
+        if self.budget is None:
+            return self
+        if self.budget.metric == "filters":
+            given = "keep_ratio" in self.model_fields_set and self.keep_ratio != self.budget.ratio
+            if given and self.keep_ratio != DEFAULT_KEEP_RATIO:
+                raise ConfigError(
+                    f"prune.keep_ratio {self.keep_ratio:g} and prune.budget {self.budget.label()} disagree; "
+                    "give one of them"
+                )
+            self.keep_ratio, self.budget = self.budget.ratio, None
+        elif self.keep_ratio != DEFAULT_KEEP_RATIO:
+            raise ConfigError(
+                f"prune.keep_ratio {self.keep_ratio:g} and prune.budget {self.budget.label()} both set the "
+                f"pruned model's size; give one (a budget of filters is --budget filters={self.keep_ratio:g})"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _check_finetune_seed(self) -> PruneSettings:
         _check_hparams_seed(self.finetune_hparams, "prune.finetune_hparams")
         return self
@@ -255,6 +284,9 @@ class PruneSettings(_Strict):
         except ConfigError as err:
             raise ConfigError(f"prune.criterion_params: {err}") from None
         return self
+
+
+DEFAULT_KEEP_RATIO: float = PruneSettings.model_fields["keep_ratio"].default
 
 
 def _is_some_default(key: str, value: Any) -> bool:
