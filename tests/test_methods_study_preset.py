@@ -26,6 +26,8 @@ def test_powered_part_breadth_and_leave_one_source_out_runs(tmp_path: Path):
                 assert [runs[(dataset, keep, name, s)] for s in range(3)] == [targets, targets, 0]
         for name in ["worst_domain", "taylor_disagreement", "learned_masks", "target_entropy-1"]:
             assert [runs[(dataset, 0.5, name, s)] for s in range(3)] == [targets, targets, 0]
+        # The control: the dense model fine-tuned as the pruned ones are, every seed.
+        assert [runs[(dataset, 1.0, "taylor", s)] for s in range(7)] == [targets] * 6 + [0]
     # The methods that read the target's images, and only they, run under the unlabeled mode.
     for c in main:
         transductive = c.prune.criterion in ("dss", "target_entropy")
