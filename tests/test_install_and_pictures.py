@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import re
 import tomllib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,15 @@ def test_layer_width_plot_for_one_run_claims_no_spread(tmp_path: Path, figures: 
     assert "mean over 2 runs (2 target(s) × seed 3)" in title and "standard error" in title
     dense, *pruned = _error_bars(figures[-1])  # the dense widths are exact: no error bar
     assert not dense and pruned and all(pruned)
+
+
+def test_layer_width_plot_shades_any_number_of_keep_ratios(tmp_path: Path, figures: list) -> None:
+    """A study at keep 100%, 90%, 50% and 30% (methods_study) once made a negative bar alpha."""
+    records = []
+    for keep in (1.0, 0.9, 0.5, 0.3):
+        records += [replace(r, keep_ratio=keep, run_id=f"{r.run_id}-{keep}") for r in _records([0], ["75"])]
+    records = [r for r in records if r.criterion != "none"]
+    widths = {r.run_id: [["conv1", 32, 64], ["conv2", 64, 128]] for r in records}
+    plots.plot_layer_widths(records, widths, tmp_path / "widths.png", "four keep ratios")
+    alphas = sorted({bar.get_alpha() for c in figures[-1].axes[0].containers for bar in c if bar.get_alpha()})
+    assert alphas == pytest.approx([0.3, 1.0 - 0.7 * 2 / 3, 1.0 - 0.7 / 3, 1.0])

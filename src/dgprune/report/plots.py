@@ -190,9 +190,9 @@ def plot_layer_widths(
         hatch="//",
         label="dense (before pruning)",
     )
-    ratio_alpha = {
-        ratio: 1.0 - 0.45 * i for i, ratio in enumerate(sorted({k[0] for k in keys}, reverse=True))
-    }
+    ratios = sorted({k[0] for k in keys}, reverse=True)
+    # from opaque (the largest keep ratio) to 0.3, whatever the number of ratios
+    ratio_alpha = {ratio: 1.0 - 0.7 * i / max(1, len(ratios) - 1) for i, ratio in enumerate(ratios)}
     for i, key in enumerate(keys, start=1):
         ratio, criterion, criterion_text = key
         label, color, _ = styles[(criterion, criterion_text)]
