@@ -130,7 +130,8 @@ def plot_accuracy_vs_filters(records: list[ResultRecord], path: Path, title: str
         ax.grid(alpha=0.3)
     axes[0].invert_xaxis()  # shared x axis: inverting once flips both; pruning proceeds to the right
     handles, labels = axes[0].get_legend_handles_labels()
-    columns = min(len(labels), LEGEND_COLUMNS)
+    # long labels (e.g. "target_entropy (sign=-1) [unlabeled target]") would run off the figure's sides
+    columns = min(len(labels), LEGEND_COLUMNS if max(map(len, labels)) <= 24 else 3)
     legend_rows = -(-len(labels) // columns)
     fig.set_figheight(4.4 + 0.25 * (legend_rows - 1))
     fig.legend(handles, labels, loc="lower center", ncol=columns, frameon=False)
