@@ -163,10 +163,13 @@ def test_leave_one_source_out_choice_uses_only_pseudo_target_runs(tmp_path):
             params = {"sign": sign}
             records.append(_record("te", seed, pseudo, acc, dataset="d-no-t", criterion_params=params))
     records.append(_record("none", 0, "x", 0.9, keep=1.0, dataset="d-no-t"))
+    # Another method on the same left-out data competes too (here it loses: 65 on average).
+    records += [_record("taylor", s, p, 0.65, dataset="d-no-t") for s, p in ((0, "x"), (0, "y"), (1, "x"))]
     records += [_record("te", 0, "t", 0.99, criterion_params={"sign": -1}), _record("taylor", 0, "t", 0.5)]
     report = write_report(records, tmp_path, formats=("md",), plots=False)
     (table,) = [s.table for s in report.sections if s.stem == "loso_choice"]
     assert [row[:4] + row[5:] for row in table.rows] == [
+        ["d", "t", "50%", "taylor", "65.00 ± 0.00", ""],
         ["d", "t", "50%", "te (sign=-1)", "61.67 ± 1.67", ""],
         ["d", "t", "50%", "te (sign=1)", "70.00 ± 0.00", "yes"],
     ]

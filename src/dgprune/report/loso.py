@@ -4,9 +4,10 @@ parameter, e.g. ``target_entropy``'s sign: choose it without the true target's l
 The runs are ordinary runs on the benchmark with the true target left out entirely (a dataset named
 ``<benchmark>-no-<target>``, e.g. ``styled_digits-no-clean``, see data/digit_styles.py): each of the
 remaining domains is in turn the pseudo-target, whose images the criterion may see and whose labels
-score the choice. For each (benchmark, true target, model, pretraining, keep ratio, criterion), the
-label (criterion + parameters) with the highest mean pseudo-target accuracy over every (seed,
-pseudo-target) run is chosen; the table lists every label's mean so the other choice is reported too.
+score the choice. For each (benchmark, true target, model, pretraining, keep ratio), the label
+(criterion + parameters: a method, or one parameter of it) with the highest mean pseudo-target
+accuracy over every (seed, pseudo-target) run is chosen; the table lists every label's mean so the
+other choices are reported too.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def left_out_target(dataset: str) -> tuple[str, str] | None:
 
 
 def loso_choices(records: list[ResultRecord]) -> dict[tuple, str]:
-    """(benchmark, true target, model, algorithm, keep ratio, criterion) -> the chosen label (on equal
+    """(benchmark, true target, model, algorithm, keep ratio) -> the chosen label (on equal
     means, the first label in alphabetical order)."""
     chosen = {}
     for key, by_label in _means(records).items():
@@ -42,7 +43,7 @@ def _means(records: list[ResultRecord]) -> dict[tuple, dict]:
     for r in records:
         if r.criterion == "none" or (names := left_out_target(r.dataset)) is None:
             continue
-        groups[(*names, r.model, r.algorithm, r.keep_ratio, r.criterion)][r.label].append(r.cross_acc)
+        groups[(*names, r.model, r.algorithm, r.keep_ratio)][r.label].append(r.cross_acc)
     return {
         key: {label: pct_stat(values) for label, values in by_label.items()}
         for key, by_label in groups.items()
@@ -67,8 +68,8 @@ def loso_table(records: list[ResultRecord]) -> Table | None:
     ]
     rows: list[list[str]] = []
     values: list[list[CellValue]] = []
-    for key in sorted(means, key=lambda k: (k[0], k[1], -k[4], k[5])):
-        benchmark, target, _model, _algorithm, keep, _criterion = key
+    for key in sorted(means, key=lambda k: (k[0], k[1], k[2], k[3], -k[4])):
+        benchmark, target, _model, _algorithm, keep = key
         for label, stat in sorted(means[key].items()):
             mark = "yes" if chosen[key] == label else ""
             rows.append([benchmark, target, f"{keep:.0%}", label, str(stat.n), stat_text(stat), mark])
