@@ -173,3 +173,11 @@ def test_leave_one_source_out_choice_uses_only_pseudo_target_runs(tmp_path):
         ["d", "t", "50%", "te (sign=-1)", "61.67 ± 1.67", ""],
         ["d", "t", "50%", "te (sign=1)", "70.00 ± 0.00", "yes"],
     ]
+
+
+def test_budget_runs_are_labelled_apart_from_filter_budget_runs(tmp_path):
+    """keep_ratio holds a latency budget's ratio: such a run must not share a cell with keep 0.5."""
+    records = [_record("taylor", 0, "a", 0.7), _record("taylor", 0, "a", 0.72, budget_metric="latency")]
+    assert [r.label for r in records] == ["taylor", "taylor [latency budget]"]
+    report = write_report(records, tmp_path, formats=("md",), plots=False)
+    assert report.sections  # two table rows, not the "same table cell" refusal

@@ -90,8 +90,11 @@ class ResultRecord:
 
     @property
     def label(self) -> str:
-        """The criterion's label, marked when the run saw the target's images (criterion_label)."""
-        return criterion_label(self.criterion, self.criterion_params, target_access=self.target_access)
+        """The criterion's label, marked when the run saw the target's images (criterion_label) and,
+        for a params / MACs / latency budget, with its metric: keep_ratio then holds that budget's
+        ratio, which tables must not show as a share of filters beside filter-budget runs."""
+        label = criterion_label(self.criterion, self.criterion_params, target_access=self.target_access)
+        return label if self.budget_metric == "filters" else f"{label} [{self.budget_metric} budget]"
 
     def __post_init__(self) -> None:
         if not isinstance(self.per_domain_acc, dict):  # a damaged row: its readers name it, not this
