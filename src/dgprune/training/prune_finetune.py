@@ -287,10 +287,16 @@ def planned_steps(schedule: PruningSchedule, settings: PruneSettings) -> int:
     needed = schedule.steps_to_target() + 1
     if settings.steps >= needed:
         return settings.steps
+    budget = settings.budget
+    goal = (
+        f"{schedule.target} of {schedule.total} filters (keep_ratio {settings.keep_ratio:g}"
+        if budget is None or budget.metric == "filters"
+        # a cost budget's step count is planned for the worst case: every group down to its floor
+        else f"the {budget.metric} budget {budget.ratio:g} (planned as if every layer went to its floor"
+    )
     warnings.warn(
-        f"prune.steps {settings.steps} cannot reach {schedule.target} of {schedule.total} filters "
-        f"(keep_ratio {settings.keep_ratio:g}, a pruning step every {settings.interval} steps removing "
-        f"at most {settings.max_per_step}): running {needed} steps (recorded as steps_run)",
+        f"prune.steps {settings.steps} cannot reach {goal}, a pruning step every {settings.interval} "
+        f"steps removing at most {settings.max_per_step}): running {needed} steps (recorded as steps_run)",
         StepsExtendedWarning,
         stacklevel=2,
     )
