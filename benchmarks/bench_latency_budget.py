@@ -130,7 +130,7 @@ def _match_filters(dense, example, round_to, conditions, goal, dense_ms, steps: 
             best = {"keep": keep, "measured": measured, "filters": sum(widths)}
         if abs(measured - goal) <= TOLERANCE * goal:
             break
-        low, high = (keep, high) if measured > goal else (low, keep)
+        low, high = (low, keep) if measured > goal else (keep, high)  # too slow: keep fewer filters
     assert best is not None
     return best
 
