@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_deploy import group_normalised_l1  # filter L1 / its group's mean: comparable across groups
 from machine import machine_info
 
 from dgprune.models import build_model
@@ -53,7 +54,6 @@ from dgprune.pruning.groups import find_channel_groups
 from dgprune.pruning.latency_table import Conditions, measure_model_ms, measure_table
 from dgprune.pruning.schedule import PruningSchedule, group_floors
 from dgprune.pruning.surgery import compress
-from dgprune.pruning.weight_stats import weight_statistics
 
 TOLERANCE = 0.05  # "the target reached within 5%"
 
@@ -68,17 +68,6 @@ def _resnet(side: int, channels: int = 3, classes: int = 7) -> tuple[nn.Module, 
     return model, torch.zeros(1, channels, side, side)
 
 
-def _importance(model: nn.Module, gates: GateSet) -> torch.Tensor:
-    """Filter L1 divided by its group's mean: comparable across groups (as bench_deploy.py)."""
-    l1, _ = weight_statistics(model, gates.groups)
-    parts, offset = [], 0
-    for size in gates.sizes:
-        part = l1[offset : offset + size]
-        parts.append(part / part.mean())
-        offset += size
-    return torch.cat(parts)
-
-
 def _pruned(
     dense: nn.Module, example: torch.Tensor, round_to: int, cost=None, ratio: float = 1.0, keep: float = 1.0
 ) -> tuple[nn.Module, list[int]]:
@@ -90,7 +79,7 @@ def _pruned(
         gates.sizes, keep if cost is None else 0.5, interval=1, max_per_step=10**6, round_to=round_to,
         cost=cost, budget_ratio=ratio,
     )  # fmt: skip
-    gates.prune(schedule.prune_at_once(_importance(model, gates)))
+    gates.prune(schedule.prune_at_once(group_normalised_l1(model, gates)))
     widths = [int(a.sum()) for a in gates.alive]
     compress(model, gates, example)
     return model.eval(), widths
