@@ -23,6 +23,7 @@ from dgprune.pruning.latency_table import (
     table_keys,
     width_grid,
 )
+from dgprune.pruning.measure import conv_widths
 
 MNIST_SHAPE = (1, 28, 28)
 
@@ -89,16 +90,110 @@ def test_measured_table_predicts_the_dense_model_by_construction_and_sums_the_la
     assert table.layers["conv1"].in_grid == [1]  # the image's channel: fixed
     assert all(ms > 0 for t in table.layers.values() for row in t.ms for ms in row)
     widths = [24, 40, 128, 16]
-    by_hand = table.rest_ms
+    entries = 0.0
     inputs = {"conv1": 1, "conv2": widths[0], "conv3": widths[1], "conv4": widths[2]}
     for index, name in enumerate(convs):
-        by_hand += table.layers[name](inputs[name], widths[index])
+        entries += table.layers[name](inputs[name], widths[index])
+    assert table.predict_ms(structure, widths, calibrated=False) == pytest.approx(table.rest_ms + entries)
+    # calibrated: the fit of the entries' sum and the convs' output elements (a 28 x 28 map, then 14 x 14)
+    elements = sum(w * p for w, p in zip(widths, (28 * 28, 14 * 14, 14 * 14, 14 * 14), strict=True))
+    assert structure.activations(widths) == elements
+    fit = table.fit
+    assert fit is not None and fit.conv_scale >= 0 and fit.ms_per_kilo_activation >= 0
+    by_hand = fit.conv_scale * entries + fit.ms_per_kilo_activation * elements / 1000 + fit.constant_ms
     assert table.predict_ms(structure, widths) == pytest.approx(by_hand)
-    # the constant is the dense model's measured latency minus its layers: at dense widths, that latency
+    # the constant is the dense model's measured latency minus its layers: at dense widths, that latency,
+    # which is also the first calibration sample
     dense_layers = sum(table.layers[n](structure.layers[i].in_dense, structure.layers[i].out_dense)
                        for i, n in enumerate(convs))  # fmt: skip
-    assert table.predict_ms(structure, structure.group_sizes) == pytest.approx(table.rest_ms + dense_layers)
+    uncalibrated = table.predict_ms(structure, structure.group_sizes, calibrated=False)
+    assert uncalibrated == pytest.approx(table.rest_ms + dense_layers)
+    assert fit.points[0]["filters"] == 1.0 and fit.points[0]["measured_ms"] == pytest.approx(uncalibrated)
+    assert [round(p["filters"], 3) for p in fit.points[1:]] == [
+        0.009,
+        0.25,
+        0.5,
+        0.75,
+    ]  # floors (1, none given), 1/4..3/4
     assert table.build_s > 0
+    # the fit is stored with the table and read back
+    assert latency_table(model, structure, conditions, round_to=8, points=2, cache_dir=tmp_path).fit == fit
+
+
+def _law_ms(model: torch.nn.Module, positions: dict[str, int]) -> float:
+    """A latency law the fit can represent: 2 x the convs' MACs (in units of 1e-6 ms) + 0.05 ms per
+    1000 conv output elements + 3 ms."""
+    macs = elements = 0
+    for name, conv in model.named_modules():
+        if isinstance(conv, torch.nn.Conv2d):
+            macs += (
+                conv.in_channels
+                * conv.out_channels
+                * conv.kernel_size[0]
+                * conv.kernel_size[1]
+                * positions[name]
+            )
+            elements += conv.out_channels * positions[name]
+    return 2e-6 * macs + 0.05 * elements / 1000 + 3.0
+
+
+def test_the_fit_recovers_a_latency_law_and_predicts_models_it_never_measured(monkeypatch):
+    """Fake timers (no wall clock): a conv alone costs 1e-6 ms per MAC, a whole model follows _law_ms.
+    Bilinear interpolation is exact for the product of widths, so the calibrated table must recover the
+    law's coefficients from its five calibration models and predict any other widths exactly, the
+    compressed model built for real; the uncalibrated prediction (entries + one constant) does not."""
+    from dgprune.pruning.latency_fit import narrowed_copy
+    from dgprune.pruning.schedule import group_floors
+
+    model, structure = _mnist()
+    positions = {layer.name: layer.out_positions for layer in structure.layers}
+    monkeypatch.setattr(
+        lut, "_conv_timer", lambda conditions: lambda layer, w_in, w_out: (
+            1e-6 * w_in * w_out * layer.kernel_size * layer.out_positions)
+    )  # fmt: skip
+    measured: list[int] = []
+
+    def fake_interleaved(models, conditions, rounds=lut.ROUNDS):
+        measured.extend(sum(conv_widths(m).values()) for m in models)
+        return [_law_ms(m, positions) for m in models]
+
+    monkeypatch.setattr(lut, "interleaved_ms", fake_interleaved)
+    floors = group_floors(structure.group_sizes, 8)
+    table = lut.measure_table(model, structure, Conditions("torch", 1, 1, MNIST_SHAPE), 8, 3, floors)
+    fit = table.fit
+    assert fit is not None and len(measured) == 5  # dense, floors, 1/4, 1/2, 3/4
+    assert (fit.conv_scale, fit.ms_per_kilo_activation, fit.constant_ms) == pytest.approx(
+        (2, 0.05, 3), rel=1e-6
+    )
+    example = torch.zeros(1, *MNIST_SHAPE)
+    for widths in ([8, 16, 120, 128], [32, 8, 64, 128], [24, 56, 8, 8]):
+        truth = _law_ms(narrowed_copy(model, structure, widths, example), positions)
+        assert table.predict_ms(structure, widths) == pytest.approx(truth, rel=1e-6)
+    # one constant for all but the convs is exact at the dense widths only
+    assert table.predict_ms(structure, [8, 16, 120, 128], calibrated=False) != pytest.approx(
+        _law_ms(narrowed_copy(model, structure, [8, 16, 120, 128], example), positions), rel=1e-3
+    )
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_fit_is_the_bounded_least_squares_of_the_relative_error(seed: int):
+    """Against scipy's bounded least squares (conv_scale, ms_per_kilo_activation >= 0, constant free),
+    on random samples, some of whose unconstrained fits have a negative coefficient."""
+    import numpy as np
+    from scipy.optimize import lsq_linear
+
+    from dgprune.pruning.latency_fit import fit_latency
+
+    rng = np.random.default_rng(seed)
+    conv = rng.uniform(1, 50, 6)
+    kilo = rng.uniform(0.5, 20, 6)
+    measured = 1.5 * conv + rng.uniform(-0.3, 0.3) * kilo + 4 + rng.normal(0, 1, 6)
+    fit = fit_latency(list(zip(conv, kilo * 1000, strict=True)), measured.tolist())
+    design = np.column_stack([conv, kilo, np.ones(6)]) / measured[:, None]
+    bounded = lsq_linear(design, np.ones(6), bounds=([0, 0, -np.inf], [np.inf, np.inf, np.inf]))
+    ours = np.array([fit.conv_scale, fit.ms_per_kilo_activation, fit.constant_ms])
+    assert np.sum((design @ ours - 1) ** 2) == pytest.approx(np.sum((design @ bounded.x - 1) ** 2), abs=1e-9)
+    assert ours == pytest.approx(bounded.x, abs=1e-5)
 
 
 def _counting(monkeypatch) -> list[Conditions]:

@@ -23,8 +23,8 @@ from dgprune.pruning.latency_table import (
     Conditions,
     LatencyTable,
     Runtime,
+    interleaved_ms,
     latency_table,
-    measure_model_ms,
 )
 
 Metric = Literal["filters", "params", "macs", "latency"]
@@ -138,12 +138,13 @@ def measured_ratio(
 ) -> float:
     """The budget's metric of the compressed model over the dense one's, measured on the real models:
     parameters and conv/linear MACs counted by Torch-Pruning's counter, latency timed in the budget's
-    conditions (median of ``MODEL_REPS`` calls each)."""
+    conditions (latency_table.interleaved_ms: both timed in turn, in rounds)."""
     if budget.metric == "params":
         return sum(p.numel() for p in compressed.parameters()) / sum(p.numel() for p in dense.parameters())
     if budget.metric == "macs":
         return counted_macs(compressed, example_input) / counted_macs(dense, example_input)
     if budget.metric == "latency":
         conditions = conditions_of(budget, example_input.shape[1:])
-        return measure_model_ms(compressed, conditions) / measure_model_ms(dense, conditions)
+        compressed_ms, dense_ms = interleaved_ms([compressed, dense], conditions)
+        return compressed_ms / dense_ms
     raise ValueError(f"no measured ratio for metric {budget.metric!r}")

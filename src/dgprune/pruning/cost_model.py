@@ -164,6 +164,15 @@ class ChannelStructure:
             total += layer.out_positions * (w_in * w_out * layer.kernel_size + (w_out if layer.bias else 0))
         return total
 
+    def activations(self, widths: Sequence[int]) -> int:
+        """Output elements of the convolutions for one input: what the element-wise layers after them
+        (normalisation, activation, addition) touch, the latency the convolutions' table leaves out."""
+        return sum(
+            self.out_width(layer, widths) * layer.out_positions
+            for layer in self.layers
+            if layer.kind == "conv"
+        )
+
     def fingerprint(self) -> str:
         """A hash of the architecture as the costs see it (layers, shapes, groups): two models with the
         same fingerprint cost the same at the same widths."""

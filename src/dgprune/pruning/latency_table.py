@@ -15,9 +15,11 @@ calls, with random weights and inputs:
 
 Latency is not monotone in the width (kernels are picked per shape), but a budget must never see a
 channel removal *add* latency: each layer's table is made non-decreasing along both axes (every entry
-the largest measured at equal or smaller widths). The rest of the model (linear layer, normalisation,
-activations, additions, the runtime's overhead) is one constant: the dense model's measured latency
-minus the sum of its convolutions' entries. Predicted latency = constant + sum of the layers' entries.
+the largest measured at equal or smaller widths). The whole model's latency is then fitted to real
+measurements of the model, dense and narrowed (pruning/latency_fit.py): a scale on the sum of the
+layers' entries, a cost per element of the convolutions' outputs (the element-wise layers after them)
+and a constant. ``rest_ms``, the dense model's latency minus its layers' entries, is kept as the
+uncalibrated prediction (sum of the entries + that constant) for comparison.
 
 Caching. A table is built once per (architecture fingerprint, input shape, runtime, threads, batch,
 grid and its narrowest widths, torch / onnxruntime versions, CPU) and written as JSON under
@@ -49,14 +51,17 @@ import torch
 from torch import nn
 
 from dgprune.pruning.cost_model import ChannelStructure, LayerShape
+from dgprune.pruning.latency_fit import LatencyFit, calibration_widths, fit_to_samples, narrowed_copy
 
 Runtime = Literal["torch", "onnxruntime"]
 RUNTIMES: tuple[str, ...] = ("torch", "onnxruntime")
 CACHE_ENV = "DGPRUNE_LATENCY_CACHE"
 WARMUP = 3  # untimed calls before each entry (allocation, kernel selection)
 REPS = 10  # timed calls per entry; the entry is their median
-MODEL_REPS = 30  # timed calls of the whole model (the constant, and measured ratios)
-TABLE_VERSION = 1  # bumped when the way tables are measured changes: older files are not reused
+MODEL_REPS = 30  # timed calls of the whole model (the constant, and measured ratios)...
+MODEL_SECONDS = 1.0  # ...fewer when they would take longer than this (5 at least: a 224-px model)
+ROUNDS = 3  # models compared are timed in turn this many times: a shared machine's drifts hit all alike
+TABLE_VERSION = 2  # bumped when the way tables are measured changes: older files are not reused
 
 
 @dataclass(frozen=True)
@@ -134,10 +139,11 @@ class LatencyTable:
     layers: dict[str, LayerTable]  # by conv name
     rest_ms: float  # the dense model's latency minus its convolutions' entries
     build_s: float = 0.0  # how long measuring took
+    fit: LatencyFit | None = None  # calibrated on whole models (None: the uncalibrated prediction)
 
-    def predict_ms(self, structure: ChannelStructure, widths: Sequence[int]) -> float:
-        """The whole model's latency at ``widths``: the constant plus every convolution's entry."""
-        total = self.rest_ms
+    def conv_ms(self, structure: ChannelStructure, widths: Sequence[int]) -> float:
+        """The sum of every convolution's entry at ``widths``."""
+        total = 0.0
         for layer in structure.layers:
             if layer.name in self.layers:
                 total += self.layers[layer.name](
@@ -145,11 +151,22 @@ class LatencyTable:
                 )
         return total
 
+    def predict_ms(
+        self, structure: ChannelStructure, widths: Sequence[int], calibrated: bool = True
+    ) -> float:
+        """The whole model's latency at ``widths``: the fit (latency_fit.py) of the entries' sum and the
+        convolutions' output elements; with ``calibrated=False`` (or no fit) the sum plus ``rest_ms``."""
+        conv = self.conv_ms(structure, widths)
+        if calibrated and self.fit is not None:
+            return self.fit(conv, structure.activations(widths))
+        return conv + self.rest_ms
+
     def to_json(self) -> dict[str, Any]:
         return {
             "keys": self.keys,
             "rest_ms": self.rest_ms,
             "build_s": self.build_s,
+            "fit": vars(self.fit) if self.fit is not None else None,
             "layers": {name: vars(table) for name, table in self.layers.items()},
         }
 
@@ -207,7 +224,10 @@ def load_table(path: Path, keys: dict[str, Any]) -> LatencyTable | None:
         if data.get("keys") != json.loads(json.dumps(keys)):
             return None
         layers = {name: LayerTable(**table) for name, table in data["layers"].items()}
-        return LatencyTable(data["keys"], layers, float(data["rest_ms"]), float(data.get("build_s", 0.0)))
+        fit = LatencyFit(**data["fit"]) if data.get("fit") else None
+        return LatencyTable(
+            data["keys"], layers, float(data["rest_ms"]), float(data.get("build_s", 0.0)), fit
+        )
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -245,7 +265,7 @@ def measure_table(
     points: int = 8,
     floors: Sequence[int] | None = None,
 ) -> LatencyTable:
-    """Measure every convolution on its grid, and the constant (keys left empty)."""
+    """Measure every convolution on its grid, the constant, and the whole-model fit (keys left empty)."""
     started = time.monotonic()
     floors = list(floors) if floors is not None else [1] * len(structure.group_sizes)
     timer = _conv_timer(conditions)
@@ -278,9 +298,14 @@ def measure_table(
             table = LayerTable(in_grid, out_grid, rows)
             table.make_monotone()
             layers[layer.name] = table
-        dense_ms = measure_model_ms(model, conditions)
-    table = LatencyTable({}, layers, 0.0)
-    table.rest_ms = dense_ms - table.predict_ms(structure, structure.group_sizes)
+        table = LatencyTable({}, layers, 0.0)
+        example = torch.zeros(1, *conditions.input_shape)
+        calibration = calibration_widths(structure.group_sizes, floors, round_to)
+        narrowed = [narrowed_copy(model, structure, widths, example) for widths in calibration]
+        dense_ms, *narrowed_ms = interleaved_ms([model, *narrowed], conditions)
+        table.rest_ms = dense_ms - table.conv_ms(structure, structure.group_sizes)
+        samples = [(structure.group_sizes, dense_ms), *zip(calibration, narrowed_ms, strict=True)]
+        table.fit = fit_to_samples(structure, lambda widths: table.conv_ms(structure, widths), samples)
     table.build_s = time.monotonic() - started
     return table
 
@@ -378,22 +403,48 @@ def _ort_conv_ms(layer: LayerShape, w_in: int, w_out: int, conditions: Condition
     return _median_ms(lambda: session.run(None, {"x": x}))
 
 
-def measure_model_ms(model: nn.Module, conditions: Conditions, reps: int = MODEL_REPS) -> float:
-    """A (dense or compressed) model's median latency in ``conditions``: torch (a channels_last copy in
-    eval mode) or onnxruntime (the model exported to ONNX, in a temporary file). Reuses
-    ``pruning.measure.measure_latency_ms``."""
+def measure_model_ms(model: nn.Module, conditions: Conditions) -> float:
+    """A (dense or compressed) model's median latency in ``conditions`` (one round)."""
+    return interleaved_ms([model], conditions, rounds=1)[0]
+
+
+def interleaved_ms(models: Sequence[nn.Module], conditions: Conditions, rounds: int = ROUNDS) -> list[float]:
+    """Each model's latency in ``conditions``: torch (a channels_last copy in eval mode) or onnxruntime
+    (the model exported to ONNX, in a temporary file). In each of ``rounds`` rounds every model is timed
+    in turn (``pruning.measure.measure_latency_ms``: the median of MODEL_REPS calls, fewer for a model
+    slower than MODEL_SECONDS); a model's latency is the median of its rounds."""
     from dgprune.pruning.measure import measure_latency_ms
 
     x = torch.randn(conditions.batch_size, *conditions.input_shape)
-    with _threads(conditions.threads):
-        if conditions.runtime == "onnxruntime":
-            from dgprune.pruning.onnx_runtime import OnnxModel
-            from dgprune.pruning.surgery import export_onnx
+    samples: list[list[float]] = [[] for _ in models]
+    with _threads(conditions.threads), tempfile.TemporaryDirectory(prefix="dgprune-lut-") as tmp:
+        runnables = [
+            _runnable(model, conditions, x, Path(tmp) / f"m{i}.onnx") for i, model in enumerate(models)
+        ]
+        if conditions.runtime == "torch":
+            x = x.to(memory_format=torch.channels_last)
+        reps = [_reps_for(runnable, x) for runnable in runnables]
+        for _ in range(rounds):
+            for runnable, count, times in zip(runnables, reps, samples, strict=True):
+                times.append(measure_latency_ms(runnable, x, reps=count, warmup=WARMUP))
+    return [statistics.median(times) for times in samples]
 
-            with tempfile.TemporaryDirectory(prefix="dgprune-lut-") as tmp:
-                path = export_onnx(copy.deepcopy(model).cpu(), Path(tmp) / "model.onnx", x[:1])
-                return measure_latency_ms(
-                    OnnxModel(path, threads=conditions.threads), x, reps=reps, warmup=WARMUP
-                )
-        runnable = copy.deepcopy(model).cpu().eval().to(memory_format=torch.channels_last)
-        return measure_latency_ms(runnable, x.to(memory_format=torch.channels_last), reps=reps, warmup=WARMUP)
+
+def _runnable(model: nn.Module, conditions: Conditions, x: torch.Tensor, onnx_path: Path) -> nn.Module:
+    if conditions.runtime == "onnxruntime":
+        from dgprune.pruning.onnx_runtime import OnnxModel
+        from dgprune.pruning.surgery import export_onnx
+
+        path = export_onnx(copy.deepcopy(model).cpu().eval(), onnx_path, x[:1])
+        return OnnxModel(path, threads=conditions.threads)
+    return copy.deepcopy(model).cpu().eval().to(memory_format=torch.channels_last)
+
+
+def _reps_for(runnable: nn.Module, x: torch.Tensor) -> int:
+    """MODEL_REPS, or as many calls as fit in MODEL_SECONDS (5 at least), from one timed call."""
+    with torch.inference_mode():
+        runnable(x)  # the first call allocates and picks kernels
+        start = time.perf_counter()
+        runnable(x)
+        once = time.perf_counter() - start
+    return max(5, min(MODEL_REPS, int(MODEL_SECONDS / max(once, 1e-9))))
