@@ -15,8 +15,10 @@ Three parts (docs/benchmarks.md §8):
    ResNet-18 small-input, paired by seed: the filter budget's keep ratio is the one part 2 matched to
    the same measured latency; mean paired difference in cross-domain accuracy with a 95% t interval.
 
-Measured latencies are medians (pruning/latency_table.py ``measure_model_ms``); ratios are taken
-within one run, on the same machine, the load average recorded before and after.
+Measured latency ratios: both models timed in turn in 3 rounds, each round the median of up to 30
+calls (pruning/latency_table.py ``interleaved_ms``), within one run, on the same machine, the load
+average recorded before and after. ``predicted`` is the calibrated table's prediction,
+``uncalibrated_predicted`` the sum of its entries plus one constant (what tables did before).
 
     python benchmarks/bench_latency_budget.py --parts build                       # ~1 min
     python benchmarks/bench_latency_budget.py --parts predict --json benchmarks/results/latency_budget.json
@@ -51,7 +53,7 @@ from dgprune.pruning.budget import LatencyCost
 from dgprune.pruning.cost_model import ChannelStructure
 from dgprune.pruning.gates import GateSet
 from dgprune.pruning.groups import find_channel_groups
-from dgprune.pruning.latency_table import Conditions, measure_model_ms, measure_table
+from dgprune.pruning.latency_table import Conditions, interleaved_ms, measure_table
 from dgprune.pruning.schedule import PruningSchedule, group_floors
 from dgprune.pruning.surgery import compress
 
@@ -108,13 +110,19 @@ def part_build(threads: int, quick: bool) -> list[dict[str, Any]]:
     return rows
 
 
-def _match_filters(dense, example, round_to, conditions, goal, dense_ms, steps: int) -> dict[str, Any]:
+def _measured_ratio(model: nn.Module, dense: nn.Module, conditions: Conditions) -> float:
+    """Latency of ``model`` over ``dense``'s, both timed in turn in the same rounds."""
+    model_ms, dense_ms = interleaved_ms([model, dense], conditions)
+    return model_ms / dense_ms
+
+
+def _match_filters(dense, example, round_to, conditions, goal, steps: int) -> dict[str, Any]:
     """Bisect the keep ratio until the measured latency ratio is ``goal`` (within TOLERANCE)."""
     low, high, best = 0.02, 1.0, None
     for _ in range(steps):
         keep = (low + high) / 2
         model, widths = _pruned(dense, example, round_to, keep=keep)
-        measured = measure_model_ms(model, conditions) / dense_ms
+        measured = _measured_ratio(model, dense, conditions)
         if best is None or abs(measured - goal) < abs(best["measured"] - goal):
             best = {"keep": keep, "measured": measured, "filters": sum(widths)}
         if abs(measured - goal) <= TOLERANCE * goal:
@@ -138,23 +146,27 @@ def part_predict(args: argparse.Namespace) -> list[dict[str, Any]]:
                 load_before = _load()
                 table = measure_table(dense, structure, conditions, args.round_to, args.points, floors)
                 cost = LatencyCost(structure, table)
-                dense_ms = measure_model_ms(dense, conditions)
+                assert table.fit is not None
+                fit_error = max(abs(p["fitted_ms"] / p["measured_ms"] - 1) for p in table.fit.points)
                 for ratio in args.budgets:
                     model, widths = _pruned(dense, example, args.round_to, cost=cost, ratio=ratio)
                     predicted = cost(widths) / cost(structure.group_sizes)
-                    measured = measure_model_ms(model, conditions) / dense_ms
-                    matched = _match_filters(
-                        dense, example, args.round_to, conditions, measured, dense_ms, args.bisect
+                    uncalibrated = table.predict_ms(structure, widths, calibrated=False) / table.predict_ms(
+                        structure, structure.group_sizes, calibrated=False
                     )
+                    measured = _measured_ratio(model, dense, conditions)
+                    matched = _match_filters(dense, example, args.round_to, conditions, measured, args.bisect)
                     row = {
                         "side": side, "threads": threads, "runtime": runtime, "batch": args.batch,
                         "budget": ratio, "predicted": predicted, "measured": measured,
-                        "error": predicted - measured,
+                        "error": predicted - measured, "uncalibrated_predicted": uncalibrated,
+                        "fit": {k: v for k, v in vars(table.fit).items() if k != "points"},
+                        "fit_max_rel_error": fit_error,
                         "within_5pct": abs(measured - ratio) <= TOLERANCE * ratio,
                         "latency_filters": sum(widths) / total, "filter_budget_keep": matched["keep"],
                         "filter_budget_filters": matched["filters"] / total,
                         "filter_budget_measured": matched["measured"], "table_build_s": table.build_s,
-                        "dense_ms": dense_ms, "load": [load_before, _load()],
+                        "dense_ms": table.fit.points[0]["measured_ms"], "load": [load_before, _load()],
                     }  # fmt: skip
                     rows.append(row)
                     print(json.dumps(row), flush=True)
@@ -179,7 +191,6 @@ def part_accuracy(args: argparse.Namespace) -> list[dict[str, Any]]:
     }  # fmt: skip
     dense, example = _resnet(8, channels=1, classes=10)
     conditions = Conditions("torch", args.threads[0], args.batch, (1, 8, 8))
-    dense_ms = measure_model_ms(dense, conditions)
     for seed in args.seeds:
         for ratio in args.budgets:
             pair: dict[str, Any] = {}
@@ -190,9 +201,7 @@ def part_accuracy(args: argparse.Namespace) -> list[dict[str, Any]]:
                                        "batch_size": args.batch}  # fmt: skip
                 else:
                     goal = pair["latency_measured"]
-                    match = _match_filters(
-                        dense, example, args.round_to, conditions, goal, dense_ms, args.bisect
-                    )
+                    match = _match_filters(dense, example, args.round_to, conditions, goal, args.bisect)
                     prune["keep_ratio"] = round(match["keep"], 3)
                 config = build_config(overrides={**base, "seed": seed, "prune": prune})
                 ctx = make_context(config)
