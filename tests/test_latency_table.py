@@ -109,6 +109,7 @@ def test_measured_table_predicts_the_dense_model_by_construction_and_sums_the_la
     uncalibrated = table.predict_ms(structure, structure.group_sizes, calibrated=False)
     assert uncalibrated == pytest.approx(table.rest_ms + dense_layers)
     assert fit.points[0]["filters"] == 1.0 and fit.points[0]["measured_ms"] == pytest.approx(uncalibrated)
+    assert fit.points[0]["fitted_ms"] == pytest.approx(uncalibrated)  # the fit is exact at dense widths
     assert [round(p["filters"], 3) for p in fit.points[1:]] == [
         0.009,
         0.25,
@@ -176,24 +177,48 @@ def test_the_fit_recovers_a_latency_law_and_predicts_models_it_never_measured(mo
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_the_fit_is_the_bounded_least_squares_of_the_relative_error(seed: int):
-    """Against scipy's bounded least squares (conv_scale, ms_per_kilo_activation >= 0, constant free),
-    on random samples, some of whose unconstrained fits have a negative coefficient."""
+def test_the_fit_goes_through_the_dense_model_and_is_the_bounded_least_squares(seed: int):
+    """Against scipy's SLSQP on the problem as stated (squared relative error of the narrowed samples,
+    the dense sample exact, conv_scale and ms_per_kilo_activation >= 0), on random samples, some of
+    whose unconstrained fits have a negative coefficient."""
     import numpy as np
-    from scipy.optimize import lsq_linear
+    from scipy.optimize import minimize
 
     from dgprune.pruning.latency_fit import fit_latency
 
     rng = np.random.default_rng(seed)
-    conv = rng.uniform(1, 50, 6)
-    kilo = rng.uniform(0.5, 20, 6)
+    conv = np.sort(rng.uniform(1, 50, 6))[::-1].copy()  # the first sample is the widest: dense
+    kilo = np.sort(rng.uniform(0.5, 20, 6))[::-1].copy()
     measured = 1.5 * conv + rng.uniform(-0.3, 0.3) * kilo + 4 + rng.normal(0, 1, 6)
     fit = fit_latency(list(zip(conv, kilo * 1000, strict=True)), measured.tolist())
-    design = np.column_stack([conv, kilo, np.ones(6)]) / measured[:, None]
-    bounded = lsq_linear(design, np.ones(6), bounds=([0, 0, -np.inf], [np.inf, np.inf, np.inf]))
     ours = np.array([fit.conv_scale, fit.ms_per_kilo_activation, fit.constant_ms])
-    assert np.sum((design @ ours - 1) ** 2) == pytest.approx(np.sum((design @ bounded.x - 1) ** 2), abs=1e-9)
-    assert ours == pytest.approx(bounded.x, abs=1e-5)
+
+    def predicted(x):
+        return x[0] * conv + x[1] * kilo + x[2]
+
+    def objective(x):
+        return float(np.sum((predicted(x)[1:] / measured[1:] - 1) ** 2))
+
+    reference = minimize(
+        objective, np.array([1.0, 0.0, 0.0]), method="SLSQP",
+        bounds=[(0, None), (0, None), (None, None)],
+        constraints=[{"type": "eq", "fun": lambda x: predicted(x)[0] - measured[0]}],
+        options={"ftol": 1e-14, "maxiter": 500},
+    )  # fmt: skip
+    assert reference.success
+    assert predicted(ours)[0] == pytest.approx(measured[0], rel=1e-12)  # the dense model: exact
+    assert objective(ours) <= objective(reference.x) + 1e-9
+    assert ours[:2] == pytest.approx(reference.x[:2], abs=1e-4)
+
+
+def test_without_a_narrowed_sample_the_fit_is_the_uncalibrated_prediction():
+    from dgprune.pruning.latency_fit import fit_latency
+
+    fit = fit_latency([(10.0, 2000.0)], [13.0])
+    assert (fit.conv_scale, fit.ms_per_kilo_activation, fit.constant_ms) == (1.0, 0.0, 3.0)
+    # a narrowed model measured slower than dense: no slope >= 0 fits it, the same fallback
+    fit = fit_latency([(10.0, 2000.0), (5.0, 1000.0)], [13.0, 14.0])
+    assert (fit.conv_scale, fit.ms_per_kilo_activation, fit.constant_ms) == (1.0, 0.0, 3.0)
 
 
 def _counting(monkeypatch) -> list[Conditions]:

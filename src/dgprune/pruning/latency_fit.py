@@ -12,8 +12,9 @@ changes). So the prediction is fitted to real measurements of the model itself, 
 ``conv_scale`` and ``ms_per_kilo_activation`` are kept >= 0, so removing a channel never adds predicted
 latency. The calibration models are the dense one, every group at its floor, and every group at
 1/4, 1/2 and 3/4 of its width (rounded to ``round_to``, not below the floor): each built for real
-(Torch-Pruning removes the channels) and timed like any model in the budget's conditions. The fit
-minimises the squared *relative* error over them, since budgets are ratios.
+(Torch-Pruning removes the channels) and timed like any model in the budget's conditions. Budgets are
+ratios to the dense model, so the fit goes through the dense model exactly (the constant) and
+minimises the squared *relative* error of the narrowed ones.
 """
 
 from __future__ import annotations
@@ -102,29 +103,31 @@ def fit_to_samples(
 
 
 def fit_latency(features: Sequence[tuple[float, float]], measured: Sequence[float]) -> LatencyFit:
-    """Least squares of the relative error with conv_scale, ms_per_kilo_activation >= 0: the
-    unconstrained fit when it obeys that, else the best fit with one of the two at 0 (the constant is
-    free). Fewer samples than coefficients: fewer coefficients, down to a constant offset of the conv sum."""
+    """The fit through the first sample (the dense model) exactly, since budgets are ratios to it:
+    the constant is what makes it exact, and conv_scale, ms_per_kilo_activation >= 0 minimise the
+    squared relative error of the other samples (the unconstrained fit when it obeys the signs, else
+    the better of the two with one of them at 0). No other sample, or no slope >= 0 that fits: the
+    uncalibrated prediction (conv_scale 1, the constant the dense model's latency minus its entries)."""
     conv = np.array([f[0] for f in features], dtype=float)
     kilo = np.array([f[1] for f in features], dtype=float) / 1000
     target = np.array(measured, dtype=float)
-    columns = {"conv": conv, "act": kilo}
+    # with the dense sample exact: measured_i - measured_0 = a (conv_i - conv_0) + b (kilo_i - kilo_0)
+    columns = {"conv": (conv[1:] - conv[0]) / target[1:], "act": (kilo[1:] - kilo[0]) / target[1:]}
+    rhs = (target[1:] - target[0]) / target[1:]
     best: tuple[float, dict[str, float]] | None = None
     for size in (2, 1):
         for names in itertools.combinations(("conv", "act"), size):
-            if len(names) + 1 > len(target):
+            if len(names) > len(rhs):
                 continue
-            design = np.column_stack([*(columns[n] for n in names), np.ones_like(target)]) / target[:, None]
-            solution, *_ = np.linalg.lstsq(design, np.ones_like(target), rcond=None)
-            coefficients = dict(zip((*names, "const"), solution.tolist(), strict=True))
-            if any(coefficients[n] < 0 for n in names):
+            design = np.column_stack([columns[n] for n in names])
+            solution, *_ = np.linalg.lstsq(design, rhs, rcond=None)
+            if np.any(solution < 0):
                 continue
-            error = float(np.sum((design @ solution - 1) ** 2))
+            error = float(np.sum((design @ solution - rhs) ** 2))
             if best is None or error < best[0] - 1e-12:
-                best = (error, coefficients)
+                best = (error, dict(zip(names, solution.tolist(), strict=True)))
         if best is not None:
             break  # the richest model that obeys the signs
-    if best is None:  # one sample, or no fit with a non-negative slope: the conv sum plus a constant
-        return LatencyFit(1.0, 0.0, float(np.mean(target - conv)))
-    c = best[1]
-    return LatencyFit(c.get("conv", 0.0), c.get("act", 0.0), c["const"])
+    slopes = best[1] if best is not None else {"conv": 1.0}
+    a, b = slopes.get("conv", 0.0), slopes.get("act", 0.0)
+    return LatencyFit(a, b, float(target[0] - a * conv[0] - b * kilo[0]))
