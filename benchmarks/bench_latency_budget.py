@@ -148,6 +148,13 @@ def part_predict(args: argparse.Namespace) -> list[dict[str, Any]]:
                 cost = LatencyCost(structure, table)
                 assert table.fit is not None
                 fit_error = max(abs(p["fitted_ms"] / p["measured_ms"] - 1) for p in table.fit.points)
+                # a second table, measured independently: does the prediction miss because the schedule
+                # chose the channels whose savings the first table's noise overstated?
+                second = (
+                    measure_table(dense, structure, conditions, args.round_to, args.points, floors)
+                    if args.second_table
+                    else None
+                )
                 for ratio in args.budgets:
                     model, widths = _pruned(dense, example, args.round_to, cost=cost, ratio=ratio)
                     predicted = cost(widths) / cost(structure.group_sizes)
@@ -155,7 +162,11 @@ def part_predict(args: argparse.Namespace) -> list[dict[str, Any]]:
                         structure, structure.group_sizes, calibrated=False
                     )
                     measured = _measured_ratio(model, dense, conditions)
-                    matched = _match_filters(dense, example, args.round_to, conditions, measured, args.bisect)
+                    matched = (
+                        _match_filters(dense, example, args.round_to, conditions, measured, args.bisect)
+                        if args.bisect
+                        else {"keep": None, "filters": float("nan"), "measured": None}
+                    )
                     row = {
                         "side": side, "threads": threads, "runtime": runtime, "batch": args.batch,
                         "budget": ratio, "predicted": predicted, "measured": measured,
@@ -168,6 +179,10 @@ def part_predict(args: argparse.Namespace) -> list[dict[str, Any]]:
                         "filter_budget_measured": matched["measured"], "table_build_s": table.build_s,
                         "dense_ms": table.fit.points[0]["measured_ms"], "load": [load_before, _load()],
                     }  # fmt: skip
+                    if second is not None:
+                        row["second_table_predicted"] = second.predict_ms(
+                            structure, widths
+                        ) / second.predict_ms(structure, structure.group_sizes)
                     rows.append(row)
                     print(json.dumps(row), flush=True)
     return rows
@@ -237,7 +252,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--points", type=int, default=8)
     parser.add_argument("--round-to", type=int, default=8)
-    parser.add_argument("--bisect", type=int, default=8, help="most keep ratios tried to match a latency")
+    parser.add_argument(
+        "--bisect", type=int, default=8, help="most keep ratios tried to match a latency (0: no matching)"
+    )
+    parser.add_argument(
+        "--second-table", action="store_true", help="also predict with a second, independently measured table"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--target", default="75")
     parser.add_argument("--pretrain-steps", type=int, default=150)
