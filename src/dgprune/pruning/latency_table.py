@@ -403,11 +403,6 @@ def _ort_conv_ms(layer: LayerShape, w_in: int, w_out: int, conditions: Condition
     return _median_ms(lambda: session.run(None, {"x": x}))
 
 
-def measure_model_ms(model: nn.Module, conditions: Conditions) -> float:
-    """A (dense or compressed) model's median latency in ``conditions`` (one round)."""
-    return interleaved_ms([model], conditions, rounds=1)[0]
-
-
 def interleaved_ms(models: Sequence[nn.Module], conditions: Conditions, rounds: int = ROUNDS) -> list[float]:
     """Each model's latency in ``conditions``: torch (a channels_last copy in eval mode) or onnxruntime
     (the model exported to ONNX, in a temporary file). In each of ``rounds`` rounds every model is timed
