@@ -5,6 +5,7 @@ through the installed console script."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -236,44 +237,62 @@ def _widths_of(directory: Path, structure: ChannelStructure) -> list[int]:
     return [kept[out_of[g]] for g in range(len(structure.group_sizes))]
 
 
+@dataclass
+class _LatencySetup:
+    """What a latency-budget run of ``name`` on the inputs saved in a model directory measures its table
+    with: the dense model, its structure, the conditions, round_to, grid points and floors."""
+
+    dense: torch.nn.Module
+    structure: ChannelStructure
+    conditions: Conditions
+    round_to: int
+    points: int
+    floors: list[int]
+
+    @classmethod
+    def of(cls, directory: Path, name: str, **cond) -> _LatencySetup:
+        shape = saved_input_shape(directory)
+        dense = build_model(name, 10, in_channels=shape[0], small_input=True)
+        example = torch.zeros(1, *shape)
+        structure = ChannelStructure.of(dense, find_channel_groups(dense, example), example)
+        round_to = cond.get("round_to", 1)
+        conditions = Conditions("torch", cond.get("threads", 1), cond.get("batch_size", 1), shape)
+        floors = group_floors(structure.group_sizes, round_to)
+        return cls(dense, structure, conditions, round_to, cond.get("points", 8), floors)
+
+    def ratio(self, table, widths) -> float:
+        return table.predict_ms(self.structure, widths) / table.predict_ms(
+            self.structure, self.structure.group_sizes
+        )
+
+
 def _reachable_latency_ratio(pretrained: Path, cache: Path, name: str, **cond) -> float:
     """A latency budget this machine can reach: halfway between the narrowest widths' predicted cost and
     the dense one, from the table the run will read back from ``cache`` (measured here, in the run's
     exact conditions). A fixed ratio is not portable: the floor is 0.60 on one 2-core machine, 0.605 on
     another."""
-    shape = saved_input_shape(pretrained)
-    dense = build_model(name, 10, in_channels=shape[0], small_input=True)
-    example = torch.zeros(1, *shape)
-    structure = ChannelStructure.of(dense, find_channel_groups(dense, example), example)
-    round_to = cond.get("round_to", 1)
-    floors = group_floors(structure.group_sizes, round_to)
-    conditions = Conditions("torch", 1, cond["batch_size"], shape)
-    table = latency_table(dense, structure, conditions, round_to, cond["points"], floors, cache_dir=cache)
-    least = table.predict_ms(structure, floors) / table.predict_ms(structure, structure.group_sizes)
+    run = _LatencySetup.of(pretrained, name, **cond)
+    table = latency_table(
+        run.dense, run.structure, run.conditions, run.round_to, run.points, run.floors, cache_dir=cache
+    )
+    least = run.ratio(table, run.floors)
     assert least < 0.97, f"the narrowest widths cost {least:.3f} of dense: nothing left to budget"
     return round(least + (1 - least) / 2, 3)
 
 
 def _latency_check(out: Path, cache: Path, ratio: float, name: str, **cond):
     record = _record(out)
-    shape = saved_input_shape(out)
     assert record["budget_metric"] == "latency" and record["budget_target"] == ratio
     assert record["keep_ratio"] == ratio and record["budget_measured"] > 0  # measured: reported, not asserted
     assert record["budget_predicted"] <= ratio
     # the prediction again, independently: the cached table at the compressed model's widths
-    dense = build_model(name, 10, in_channels=shape[0], small_input=True)
-    example = torch.zeros(1, *shape)
-    structure = ChannelStructure.of(dense, find_channel_groups(dense, example), example)
-    conditions = Conditions("torch", cond.get("threads", 1), cond.get("batch_size", 1), shape)
-    round_to = cond.get("round_to", 1)
-    floors = group_floors(structure.group_sizes, round_to)
-    keys = table_keys(structure, conditions, round_to, cond.get("points", 8), floors)
+    run = _LatencySetup.of(out, name, **cond)
+    keys = table_keys(run.structure, run.conditions, run.round_to, run.points, run.floors)
     table = load_table(cache_path(keys, cache), keys)
     assert table is not None  # the run cached its table under exactly these keys
-    widths = _widths_of(out, structure)
-    predicted = table.predict_ms(structure, widths) / table.predict_ms(structure, structure.group_sizes)
-    assert record["budget_predicted"] == pytest.approx(predicted, rel=1e-9)
-    assert record["filters_kept"] == sum(widths) < sum(structure.group_sizes)
+    widths = _widths_of(out, run.structure)
+    assert record["budget_predicted"] == pytest.approx(run.ratio(table, widths), rel=1e-9)
+    assert record["filters_kept"] == sum(widths) < sum(run.structure.group_sizes)
 
 
 def test_latency_budget_run_on_mnist_cnn(tmp_path: Path, mnist_pretrained: Path, monkeypatch):
