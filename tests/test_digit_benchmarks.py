@@ -12,7 +12,7 @@ from sklearn.datasets import load_digits
 
 from dgprune.data import load_colored_digits, load_dataset, load_styled_digits
 from dgprune.data.digit_styles import BLUR_SIGMA, LABEL_NOISE, NOISE_STD
-from dgprune.data.digits import digit_domain_indices
+from dgprune.data.digits import digit_domain_indices, load_rotated_digits
 from dgprune.errors import ConfigError
 
 STYLES = ["clean", "noisy", "blurred", "inverted", "edges", "thick"]
@@ -157,6 +157,13 @@ def test_colored_digits_seeded_and_errors(colored) -> None:
         load_colored_digits(environments=(0.1, 1.5))
     with pytest.raises(ConfigError, match="duplicate domain names"):
         load_colored_digits(environments=(0.1, 0.1))
+
+
+def test_rotated_digits_without_some_default_angles_is_named_apart():
+    """As the styled digits below; an angle outside the defaults keeps the plain name."""
+    assert load_rotated_digits([0, 15, 45, 60, 75]).name == "rotated_digits-no-30"
+    assert load_rotated_digits([75, 0]).name == "rotated_digits-no-15-no-30-no-45-no-60"
+    assert load_rotated_digits().name == load_rotated_digits([0, 7.5, 90]).name == "rotated_digits"
 
 
 def test_styled_digits_without_some_styles_is_named_apart():

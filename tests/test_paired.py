@@ -168,10 +168,11 @@ def test_leave_one_source_out_choice_uses_only_pseudo_target_runs(tmp_path):
     records += [_record("te", 0, "t", 0.99, criterion_params={"sign": -1}), _record("taylor", 0, "t", 0.5)]
     report = write_report(records, tmp_path, formats=("md",), plots=False)
     (table,) = [s.table for s in report.sections if s.stem == "loso_choice"]
+    # The last column is each candidate's accuracy on the true target in the full benchmark's runs.
     assert [row[:4] + row[5:] for row in table.rows] == [
-        ["d", "t", "50%", "taylor", "65.00 ± 0.00", ""],
-        ["d", "t", "50%", "te (sign=-1)", "61.67 ± 1.67", ""],
-        ["d", "t", "50%", "te (sign=1)", "70.00 ± 0.00", "yes"],
+        ["d", "t", "50%", "taylor", "65.00 ± 0.00", "", "50.00"],
+        ["d", "t", "50%", "te (sign=-1)", "61.67 ± 1.67", "", "99.00"],
+        ["d", "t", "50%", "te (sign=1)", "70.00 ± 0.00", "yes", "-"],
     ]
 
 

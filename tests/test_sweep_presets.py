@@ -68,7 +68,7 @@ def test_unknown_base_preset_names_the_file_and_the_presets(tmp_path):
         load_sweep(path)
     message = str(err.value)
     assert str(path) in message and "'dmo'" in message
-    assert "valid: criteria_study, demo, methods_study, paper_digits, table2" in message
+    assert "valid: criteria_study, demo, methods_power, methods_study, paper_digits, table2" in message
 
 
 def test_base_presets_that_lead_back_to_themselves_are_refused(tmp_path, monkeypatch):

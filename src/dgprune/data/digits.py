@@ -57,4 +57,14 @@ def load_rotated_digits(angles: Sequence[float] = DEFAULT_ANGLES, seed: int = 0)
         if float(angle) % 360 != 0:  # identity: skip, so the "0" domain is bit-exact
             x = TF.rotate(x, float(angle), interpolation=InterpolationMode.BILINEAR)
         domains.append(Domain(name, x.contiguous(), labels[idx]))
-    return MultiDomainDataset("rotated_digits", domains, [str(c) for c in range(10)])
+    return MultiDomainDataset(_rotated_name(names), domains, [str(c) for c in range(10)])
+
+
+def _rotated_name(names: list[str]) -> str:
+    """``rotated_digits``, or ``rotated_digits-no-<angle>...`` when the angles are the default ones with
+    some left out (a leave-one-source-out validation run without the true target): tables keep those
+    runs apart. Any other choice of angles keeps the plain name."""
+    defaults = [angle_name(a) for a in DEFAULT_ANGLES]
+    if not set(names) < set(defaults):
+        return "rotated_digits"
+    return "-".join(["rotated_digits", *(f"no-{a}" for a in defaults if a not in names)])
