@@ -176,6 +176,31 @@ def test_leave_one_source_out_choice_uses_only_pseudo_target_runs(tmp_path):
     ]
 
 
+def test_leave_one_source_out_selection_is_scored_on_the_true_targets(tmp_path):
+    """Per true target the choice is made on pseudo-targets; the selection table then averages the
+    chosen candidate's true-target accuracy over targets, beside each candidate always and the
+    per-target best (the oracle)."""
+    records = []
+    # Target t: dss wins on the pseudo-targets and on t. Target u: taylor wins on the pseudo-targets,
+    # dss on u (the choice is wrong there).
+    for true, pseudo_acc in (("t", {"dss": 0.8, "taylor": 0.7}), ("u", {"dss": 0.6, "taylor": 0.7})):
+        for label, acc in pseudo_acc.items():
+            records += [_record(label, 0, p, acc, dataset=f"d-no-{true}") for p in ("x", "y")]
+    true_acc = {("t", "dss"): (0.90, 0.94), ("t", "taylor"): (0.80, 0.80), ("u", "dss"): (0.50, 0.50)}
+    true_acc[("u", "taylor")] = (0.40, 0.42)
+    for (true, label), accs in true_acc.items():
+        records += [_record(label, seed, true, acc) for seed, acc in enumerate(accs)]
+    report = write_report(records, tmp_path, formats=("md",), plots=False)
+    (table,) = [s.table for s in report.sections if s.stem == "loso_selection"]
+    # Chosen: dss on t (92), taylor on u (41) -> 66.5 ± 25.5 over the two targets.
+    assert table.rows == [
+        ["d", "50%", "leave-one-source-out choice", "2", "66.50 ± 25.50"],
+        ["d", "50%", "always dss", "2", "71.00 ± 21.00"],
+        ["d", "50%", "always taylor", "2", "60.50 ± 19.50"],
+        ["d", "50%", "best per target (oracle: reads target labels)", "2", "71.00 ± 21.00"],
+    ]
+
+
 def test_budget_runs_are_labelled_apart_from_filter_budget_runs(tmp_path):
     """keep_ratio holds a latency budget's ratio: such a run must not share a cell with keep 0.5."""
     records = [_record("taylor", 0, "a", 0.7), _record("taylor", 0, "a", 0.72, budget_metric="latency")]

@@ -16,7 +16,7 @@ from dgprune.experiments.records import ResultRecord
 from dgprune.report.adabn import adabn_table
 from dgprune.report.cells import Stat
 from dgprune.report.flat import RUNS_FILE, write_runs_csv
-from dgprune.report.loso import loso_table
+from dgprune.report.loso import loso_selection_table, loso_table
 from dgprune.report.paired import PairedComparison, dense_comparisons, paired_comparisons, paired_table
 from dgprune.report.per_source import per_source_table
 from dgprune.report.selection import DrawSelection, select_draws_by_validation
@@ -448,6 +448,13 @@ def write_report(
             "benchmark's runs"
         )
         report.sections.append(ReportSection(title, loso, "loso_choice"))
+    if (selection := loso_selection_table(records)) is not None:
+        title = (
+            "Choosing the method by leave-one-source-out validation, against always taking one candidate "
+            "and against the best candidate per target (an oracle that reads the target's labels): "
+            "cross-domain accuracy (%) on the true targets, mean ± standard error over the targets"
+        )
+        report.sections.append(ReportSection(title, selection, "loso_selection"))
     report.wins = count_wins(records)
     cross = paired_comparisons(records, _label)
     report.paired = list(cross)

@@ -105,3 +105,36 @@ def loso_table(records: list[ResultRecord]) -> Table | None:
             )
             values.append([None, None, None, None, None, stat, None, true_stat])
     return Table(header, rows, values)
+
+
+def loso_selection_table(records: list[ResultRecord]) -> Table | None:
+    """What each way of choosing gives on the true targets, as DomainBed reports a selection method:
+    the leave-one-source-out choice, every candidate taken always, and the best candidate per target
+    (an oracle that reads the true target's labels: an upper bound). Mean over the true targets
+    (each one the mean of its seeds) ± standard error over the targets; only targets where every
+    candidate has full-benchmark runs count. None when no choice has such targets."""
+    means, chosen, on_true_target = _means(records), loso_choices(records), _true_target_means(records)
+    per_group: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for key, candidates in means.items():
+        benchmark, _target, model, algorithm, keep = key
+        true_accs = on_true_target.get(key, {})
+        if not all(true_accs.get(label) for label in candidates):
+            continue
+        rules = per_group[(benchmark, model, algorithm, keep)]
+        rules["leave-one-source-out choice"].append(true_accs[chosen[key]].mean)
+        for label in sorted(candidates):
+            rules[f"always {label}"].append(true_accs[label].mean)
+        rules["best per target (oracle: reads target labels)"].append(
+            max(true_accs[label].mean for label in candidates)
+        )
+    if not per_group:
+        return None
+    header = ["Benchmark", "Keep", "Rule", "targets", "true-target acc"]
+    rows: list[list[str]] = []
+    values: list[list[CellValue]] = []
+    for (benchmark, _model, _algorithm, keep), rules in sorted(per_group.items(), key=lambda kv: kv[0]):
+        for rule, accs in rules.items():
+            stat = pct_stat([a / 100 for a in accs])
+            rows.append([benchmark, f"{keep:.0%}", rule, str(len(accs)), stat_text(stat)])
+            values.append([None, None, None, None, stat])
+    return Table(header, rows, values)
