@@ -3,6 +3,7 @@
 import itertools
 import math
 
+import numpy as np
 import pytest
 
 from dgprune.experiments.records import ResultRecord
@@ -86,7 +87,36 @@ def test_verdicts_and_table():
     assert verdicts == {"up": "better", "down": "worse"}
     table = paired_table(cross, intra)
     assert [row[2] for row in table.rows] == ["down", "up"]
-    assert table.rows[1][8] == "better" and table.rows[1][11] == "worse"
+    assert table.rows[1][9] == "better" and table.rows[1][12] == "worse"
+
+
+def test_interval_with_targets_fixed_equals_least_squares_with_a_mean_per_target():
+    """Independent computation: regress the differences on one indicator per target (numpy's least
+    squares); the plain mean of the differences is the n_t/n-weighted mean of the fitted target means,
+    whose variance follows from the residual variance and (X'X)^-1."""
+    rng = np.random.default_rng(0)
+    targets = ["a"] * 5 + ["b"] * 4 + ["c"] * 6  # unbalanced on purpose
+    effect = {"a": 8.0, "b": -6.0, "c": 1.0}  # large spread between targets, small within
+    records = []
+    for seed, target in enumerate(targets):
+        records.append(_record("taylor", seed, target, 0.5))
+        records.append(_record("new", seed, target, 0.5 + (effect[target] + rng.normal()) / 100))
+    (c,) = paired_comparisons(records, label=lambda r: r.criterion)
+    d = np.array(c.differences)
+    names = sorted(set(targets))
+    x = np.array([[float(t == name) for name in names] for t in c.targets])
+    beta, residual_ss, _rank, _sv = np.linalg.lstsq(x, d, rcond=None)
+    df = len(d) - len(names)
+    weights = x.sum(axis=0) / len(d)
+    se = np.sqrt(residual_ss[0] / df * weights @ np.linalg.inv(x.T @ x) @ weights)
+    half = 2.1788128296672284 * se  # Student t 0.975 quantile, 12 degrees of freedom, from tables
+    assert weights @ beta == pytest.approx(c.mean)
+    assert c.interval_targets_fixed == pytest.approx((c.mean - half, c.mean + half))
+    # The between-target spread makes the pooled interval several times wider.
+    assert c.interval[1] - c.interval[0] > 3 * (c.interval_targets_fixed[1] - c.interval_targets_fixed[0])
+    # One pair per target leaves no within-target spread to estimate: no interval.
+    (one,) = paired_comparisons([r for r in records if r.seed in (0, 5, 9)], lambda r: r.criterion)
+    assert all(math.isnan(v) for v in one.interval_targets_fixed)
 
 
 def test_holm_matches_hand_computation():
@@ -124,7 +154,7 @@ def test_study_report_has_the_dense_and_model_selection_sections(tmp_path):
     assert {"paired_vs_taylor", "paired_vs_dense", "paired_vs_taylor_selection"} <= set(stems)
     selection = next(s.table for s in report.sections if s.stem == "paired_vs_taylor_selection")
     dss = next(row for row in selection.rows if row[2] == "dss")
-    assert dss[4] == "+3.00" and dss[9] == "+5.00"  # source-val selection, then the oracle's
+    assert dss[4] == "+3.00" and dss[10] == "+5.00"  # source-val selection, then the oracle's
     versus_dense = next(s.table for s in report.sections if s.stem == "paired_vs_dense")
     assert {row[2] for row in versus_dense.rows} == {"taylor", "ior", "dss"}
     taylor = next(row for row in versus_dense.rows if row[2] == "taylor")
